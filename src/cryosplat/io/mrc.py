@@ -1,0 +1,228 @@
+"""MRC/MRCS images and volumes with mrcfile: lazy, memory-mapped reading; atomic writing."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import torch
+
+from cryosplat.errors import InputError
+
+# MRC modes we read: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
+READABLE_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary name beside ``path``; rename it onto ``path`` only on success.
+
+    A crash or a full disk leaves any earlier file at ``path`` untouched.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass(frozen=True)
+class MrcHeader:
+    """What the header of an MRC file says: `(nz, ny, nx)`, voxel size in Å, mode."""
+
+    path: str
+    shape: tuple[int, int, int]
+    voxel_size_A: float
+    mode: int
+
+
+def read_header(path: str | Path) -> MrcHeader:
+    """Read only the header of an MRC/MRCS file, with a clear error when it is unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "image file not found")
+    if path.stat().st_size == 0:
+        raise InputError(path, "file is empty (0 bytes); expected an MRC file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with mrcfile.open(path, mode="r", header_only=True, permissive=True) as m:
+                h = m.header
+                nx, ny, nz = int(h.nx), int(h.ny), int(h.nz)
+                mode = int(h.mode)
+                vs = float(m.voxel_size.x)
+                extended = int(h.nsymbt)
+    except (ValueError, OSError) as e:
+        raise InputError(path, f"not a readable MRC file ({e})") from None
+    if mode not in READABLE_MODES:
+        raise InputError(path, f"MRC mode {mode} is not read; expected one of "
+                               f"{', '.join(f'{k} ({v})' for k, v in READABLE_MODES.items())}")
+    if min(nx, ny, nz) < 1:
+        raise InputError(path, f"header gives dimensions nx={nx} ny={ny} nz={nz}; expected >= 1")
+    itemsize = np.dtype(READABLE_MODES[mode]).itemsize
+    needed = 1024 + extended + nx * ny * nz * itemsize
+    if path.stat().st_size < needed:
+        raise InputError(path, f"file is truncated: header promises {nx}x{ny}x{nz} "
+                               f"{READABLE_MODES[mode]} values ({needed} bytes), file has "
+                               f"{path.stat().st_size} bytes")
+    return MrcHeader(str(path), (nz, ny, nx), vs, mode)
+
+
+def open_data(path: str | Path) -> np.ndarray:
+    """Memory-map the data block of an MRC file as `(nz, ny, nx)`, read-only."""
+    read_header(path)  # the clear errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = mrcfile.mmap(path, mode="r", permissive=True)
+    data = m.data
+    return data.reshape((1, *data.shape)) if data.ndim == 2 else data
+
+
+@dataclass
+class ImageSource:
+    """Lazy access to particle images scattered over MRC stacks.
+
+    ``files[file_index[i]]`` holds particle ``i`` at 0-based slice ``slice_index[i]``.
+    Nothing is read until :meth:`read`; then only the requested slices, memory-mapped.
+    With ``box_size`` smaller than the stored box the images are Fourier-cropped on read.
+    """
+
+    files: list[str]
+    file_index: np.ndarray  # (N,) int
+    slice_index: np.ndarray  # (N,) int, 0-based
+    stored_box_size: int
+    box_size: int
+    _maps: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.slice_index)
+
+    def subset(self, indices: np.ndarray) -> "ImageSource":
+        return ImageSource(self.files, self.file_index[indices], self.slice_index[indices],
+                           self.stored_box_size, self.box_size)
+
+    def with_box_size(self, box_size: int) -> "ImageSource":
+        return ImageSource(self.files, self.file_index, self.slice_index,
+                           self.stored_box_size, box_size)
+
+    def check(self) -> None:
+        """Check every stack's header and every index without reading pixel data."""
+        for k, f in enumerate(self.files):
+            h = read_header(f)
+            nz, ny, nx = h.shape
+            if ny != nx:
+                raise InputError(f, f"images are {nx} x {ny} pixels; expected square images")
+            if nx != self.stored_box_size:
+                raise InputError(f, f"images are {nx} pixels wide; expected "
+                                    f"{self.stored_box_size} like the rest of the dataset")
+            used = self.slice_index[self.file_index == k]
+            if used.size and (used.max() >= nz or used.min() < 0):
+                bad = int(used.max() if used.max() >= nz else used.min())
+                raise InputError(f, f"particle index {bad + 1} (1-based) is beyond the stack, "
+                                    f"which holds {nz} images")
+
+    def _data(self, k: int) -> np.ndarray:
+        if k not in self._maps:
+            self._maps[k] = open_data(self.files[k])
+        return self._maps[k]
+
+    def read(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
+        """Read particles ``indices`` as `(n, D, D)` float32 (D = ``box_size``)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        d0 = self.stored_box_size
+        out = np.empty((len(indices), d0, d0), dtype=np.float32)
+        fidx = self.file_index[indices]
+        for k in np.unique(fidx):
+            rows = np.nonzero(fidx == k)[0]
+            data = self._data(int(k))
+            sl = self.slice_index[indices[rows]]
+            if data.shape[-1] != d0 or data.shape[-2] != d0:
+                raise InputError(self.files[k], f"images are {data.shape[-1]} x {data.shape[-2]}"
+                                                f" pixels; expected {d0} x {d0}")
+            if sl.max() >= data.shape[0]:
+                raise InputError(self.files[k], f"particle index {int(sl.max()) + 1} (1-based) is"
+                                                f" beyond the stack, which holds {data.shape[0]}")
+            order = np.argsort(sl, kind="stable")
+            block = np.asarray(data[sl[order]], dtype=np.float32)
+            finite = np.isfinite(block.reshape(len(sl), -1)).all(axis=1)
+            if not finite.all():
+                bad = int(sl[order][np.argmin(finite)])
+                raise InputError(self.files[k], f"image {bad + 1} (1-based) holds NaN or Inf pixels")
+            out[rows[order]] = block
+        if self.box_size != d0:
+            return fourier_crop(torch.from_numpy(out), self.box_size).numpy()
+        return out
+
+
+def fourier_crop(images: torch.Tensor, box_size: int) -> torch.Tensor:
+    """Downsample FFT-aligned `(..., D, D)` images to `(..., d, d)` by Fourier cropping.
+
+    Pixel values keep their scale (the mean is preserved); the pixel size grows by D/d.
+    """
+    from torch_fourier_rescale import fourier_rescale_2d
+
+    out, _ = fourier_rescale_2d(images, target_shape=(box_size, box_size), preserve_mean=True)
+    return out
+
+
+def write_stack(path: str | Path, batches: Iterable[np.ndarray], n: int, box_size: int,
+                pixel_size_A: float) -> None:
+    """Stream `(b, D, D)` batches into a float32 MRCS file of ``n`` images, atomically."""
+    with atomic_path(path) as tmp:
+        with mrcfile.new_mmap(tmp, shape=(n, box_size, box_size), mrc_mode=2,
+                              overwrite=True) as m:
+            m.set_image_stack()
+            start = 0
+            for batch in batches:
+                m.data[start:start + len(batch)] = batch
+                start += len(batch)
+            if start != n:
+                raise RuntimeError(f"{path}: wrote {start} images, expected {n}")
+            m.voxel_size = pixel_size_A
+            m.update_header_stats()
+
+
+def write_volume(path: str | Path, volume: np.ndarray | torch.Tensor, voxel_size_A: float,
+                 center_A: tuple[float, float, float] | None = None) -> None:
+    """Write a `(D, D, D)` volume (indexed z, y, x) as a float32 MRC map, atomically.
+
+    The voxel size is set in the header. By default the origin is 0, as RELION writes maps,
+    so ChimeraX puts voxel i at i * voxel_size. With ``center_A`` the origin is set so that
+    the box centre (voxel D//2) lands at that point, e.g. an atomic model's centre.
+    """
+    if isinstance(volume, torch.Tensor):
+        volume = volume.detach().cpu().numpy()
+    volume = np.ascontiguousarray(volume, dtype=np.float32)
+    if not np.isfinite(volume).all():
+        raise ValueError(f"{path}: refusing to write a map with NaN or Inf voxels")
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(volume)
+            m.voxel_size = voxel_size_A
+            if center_A is not None:
+                d = volume.shape[-1]
+                m.header.origin.x = center_A[0] - (d // 2) * voxel_size_A
+                m.header.origin.y = center_A[1] - (d // 2) * voxel_size_A
+                m.header.origin.z = center_A[2] - (d // 2) * voxel_size_A
+            m.update_header_stats()
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, float]:
+    """Read a cubic MRC map as `(D, D, D)` float32 (z, y, x) and its voxel size in Å."""
+    h = read_header(path)
+    if len(set(h.shape)) != 1:
+        raise InputError(path, f"map is {h.shape[2]} x {h.shape[1]} x {h.shape[0]} voxels; "
+                               "expected a cubic map")
+    data = np.asarray(open_data(path), dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise InputError(path, "map holds NaN or Inf voxels")
+    return data, h.voxel_size_A

@@ -1,0 +1,135 @@
+"""One in-memory description of a particle dataset, whatever file it came from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosplat.ctf import CTFParams
+from cryosplat.errors import InputError
+from cryosplat.io.mrc import ImageSource
+
+
+@dataclass
+class OpticsGroup:
+    """One optics group as RELION 3.1 defines it (values shared by its particles)."""
+
+    number: int
+    name: str
+    pixel_size_A: float
+    box_size: int
+    voltage_kV: float
+    cs_mm: float
+    amplitude_contrast: float
+
+
+@dataclass
+class Particles:
+    """A particle dataset.
+
+    Images are lazy (:class:`ImageSource`); everything else is in memory, one row per
+    particle, float64 on the CPU. Conventions (docs/conventions.md, cryosplat.geometry):
+
+    * ``rotations`` `(N, 3, 3)`: RELION's ``A`` (``r_image = A r_map``), or None if the file
+      has no poses.
+    * ``shifts_A`` `(N, 2)`: RELION's (rlnOriginXAngst, rlnOriginYAngst) in Å.
+    * ``ctf``: :class:`CTFParams`, or None if the file has no CTF parameters.
+    * ``pixel_size_A`` `(N,)`: pixel size of the images as read (after any downsampling).
+    * ``optics_group`` `(N,)`: 1-based optics group number, indexing ``optics``.
+    * ``half_set`` `(N,)`: 1 or 2 from the file, 0 where the file defines no half-sets.
+    """
+
+    source: str
+    images: ImageSource
+    rotations: torch.Tensor | None
+    shifts_A: torch.Tensor
+    ctf: CTFParams | None
+    pixel_size_A: torch.Tensor
+    optics_group: torch.Tensor
+    optics: list[OpticsGroup]
+    half_set: torch.Tensor
+    defaults: dict[str, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def box_size(self) -> int:
+        return self.images.box_size
+
+    def subset(self, indices) -> "Particles":
+        """The particles ``indices`` (array of ints or boolean mask), in that order."""
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            idx = np.nonzero(idx)[0]
+        t = torch.from_numpy(idx.astype(np.int64))
+        return replace(
+            self,
+            images=self.images.subset(idx),
+            rotations=None if self.rotations is None else self.rotations[t],
+            shifts_A=self.shifts_A[t],
+            ctf=None if self.ctf is None else self.ctf[t],
+            pixel_size_A=self.pixel_size_A[t],
+            optics_group=self.optics_group[t],
+            half_set=self.half_set[t],
+        )
+
+    def first(self, n: int | None) -> "Particles":
+        """The first ``n`` particles (all if None)."""
+        return self if n is None or n >= len(self) else self.subset(np.arange(n))
+
+    def downsample(self, box_size: int) -> "Particles":
+        """Fourier-crop the images to ``box_size`` on read; pixel sizes grow by D/d."""
+        d = self.images.stored_box_size
+        if not 1 < box_size <= d:
+            raise InputError(self.source, f"--box {box_size}: expected a box between 2 and "
+                                          f"the images' {d} pixels")
+        factor = self.images.box_size / box_size
+        optics = [replace(o, pixel_size_A=o.pixel_size_A * o.box_size / box_size,
+                          box_size=box_size) for o in self.optics]
+        return replace(self, images=self.images.with_box_size(box_size),
+                       pixel_size_A=self.pixel_size_A * factor, optics=optics)
+
+    def require_poses(self) -> torch.Tensor:
+        if self.rotations is None:
+            raise InputError(self.source, "no poses (rlnAngleRot/Tilt/Psi, alignments3D/pose or "
+                                          "a poses.pkl): reconstruction needs particles from a "
+                                          "consensus refinement")
+        return self.rotations
+
+    def require_ctf(self) -> CTFParams:
+        if self.ctf is None:
+            raise InputError(self.source, "no CTF parameters (rlnDefocusU, ctf/df1_A or a "
+                                          "ctf.pkl)")
+        return self.ctf
+
+    def read_images(self, indices) -> torch.Tensor:
+        """Images of particles ``indices``: `(n, D, D)` float32 tensor."""
+        return torch.from_numpy(self.images.read(np.asarray(indices)))
+
+
+def check_finite(source: str | Path, name: str, values: np.ndarray) -> np.ndarray:
+    """Refuse NaN/Inf in a metadata column, naming the column and the first bad row."""
+    values = np.array(values, dtype=np.float64)  # a writable copy
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.nonzero(bad.reshape(len(values), -1).any(axis=1))[0][0])
+        raise InputError(source, f"{name} row {row + 1} is {values.reshape(len(values), -1)[row]}"
+                                 "; expected a finite number")
+    return values
+
+
+def check_range(source: str | Path, name: str, values: np.ndarray, lo: float, hi: float,
+                lo_open: bool = False, hi_open: bool = False) -> np.ndarray:
+    """Refuse values outside [lo, hi] (or open bounds), naming the first bad row."""
+    values = check_finite(source, name, values)
+    bad = (values <= lo if lo_open else values < lo) | (values >= hi if hi_open else values > hi)
+    if bad.any():
+        row = int(np.nonzero(bad)[0][0])
+        lb, hb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise InputError(source, f"{name} row {row + 1} is {values[row]:g}; expected a value in "
+                                 f"{lb}{lo:g}, {hi:g}{hb}")
+    return values
