@@ -1,0 +1,3 @@
+from cryosplat.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""The command line as a user runs it: a subprocess, its output and its exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import make_truth, write_cs, write_star31
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from info_star import write_big_star  # noqa: E402
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cryosplat", *map(str, args)],
+                          capture_output=True, text=True)
+
+
+def test_info_on_100k_star_without_any_image(tmp_path):
+    star = tmp_path / "big.star"
+    write_big_star(star, 100_000)  # its stacks do not exist: info must not need them
+    r = run("info", star, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert s["particles"] == 100_000 and s["box_size"] == 256
+    assert s["pixel_size_A"] == [1.1, 1.3]
+    assert sum(g["particles"] for g in s["optics_groups"]) == 100_000
+    assert s["half_sets"]["defined"] and s["half_sets"]["1"] + s["half_sets"]["2"] == 100_000
+    assert 8000 / 1e4 <= s["defocus_um"]["min"] < s["defocus_um"]["max"] <= 30000 / 1e4
+    assert s["pose_coverage"]["occupied_fraction"] == 1.0  # uniform angles cover the sphere
+
+
+def test_info_tables_and_check_images(tmp_path):
+    t = make_truth(n=10)
+    cs = write_cs(tmp_path, t)
+    r = run("info", cs, "--check-images")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split())  # rich wraps lines at the terminal width
+    assert "10 particles" in text and "optics groups" in text
+    assert "half-sets: defined (" in text
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    bad = tmp_path / "empty.star"
+    bad.write_text("")
+    r = run("info", bad)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "empty.star: file is empty" in r.stderr
+
+
+def test_downsample_writes_relion_31_and_refuses_to_overwrite(tmp_path):
+    t = make_truth(n=6, box=32, two_groups=False)
+    star = write_star31(tmp_path / "in", t)
+    out = tmp_path / "out"
+    r = run("downsample", star, "--out", out, "--box", 16, "--max-particles", 4)
+    assert r.returncode == 0, r.stderr
+    s = json.loads(run("info", out / "particles.star", "--json").stdout)
+    assert s["particles"] == 4 and s["box_size"] == 16
+    assert s["pixel_size_A"] == [pytest.approx(t.pixel_A[0] * 2)]
+    before = (out / "particles.mrcs").read_bytes()
+    r = run("downsample", star, "--out", out, "--box", 8)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (out / "particles.mrcs").read_bytes() == before
