@@ -222,7 +222,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, float]:
     if len(set(h.shape)) != 1:
         raise InputError(path, f"map is {h.shape[2]} x {h.shape[1]} x {h.shape[0]} voxels; "
                                "expected a cubic map")
-    data = np.asarray(open_data(path), dtype=np.float32)
+    data = np.array(open_data(path), dtype=np.float32)  # a writable copy
     if not np.isfinite(data).all():
         raise InputError(path, "map holds NaN or Inf voxels")
     return data, h.voxel_size_A
