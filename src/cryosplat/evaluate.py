@@ -63,14 +63,13 @@ def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
         ax.plot(k[1:], np.asarray(c)[1:], label=f"{name}: {res:.2f} Å")
     for t in (0.143, 0.5):
         ax.axhline(t, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("spatial frequency (1/Å)")
+    ax.set_xlabel("spatial frequency (1/Å) and resolution")
     ax.set_ylabel("FSC")
     ax.set_ylim(-0.1, 1.05)
     ax.set_title(title)
     ax.legend(fontsize=8)
-    top = ax.secondary_xaxis("top", functions=(lambda f: 1 / np.maximum(f, 1e-6),
-                                               lambda r: 1 / np.maximum(r, 1e-6)))
-    top.set_xlabel("resolution (Å)")
+    ticks = [t for t in ax.get_xticks() if 0 < t <= k[-1] * 1.001]
+    ax.set_xticks(ticks, [f"{t:.2f}\n{1 / t:.1f} Å" for t in ticks])
     fig.tight_layout()
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png")

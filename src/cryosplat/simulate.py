@@ -186,6 +186,7 @@ def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: Sim
     from cryosplat.io.star import particles_to_star_tables, write_star
 
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     structure = builtin_structure() if structure is None else Path(structure)
     centre = None
     if structure.suffix.lower() in (".mrc", ".map"):
