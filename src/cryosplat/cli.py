@@ -26,6 +26,9 @@ DatadirOpt = typer.Option(None, "--datadir", help="Folder that relative image pa
 PosesOpt = typer.Option(None, "--poses", help="cryoDRGN poses.pkl (with an .mrcs stack)")
 CtfOpt = typer.Option(None, "--ctf", help="cryoDRGN ctf.pkl (with an .mrcs stack)")
 PixelOpt = typer.Option(None, "--pixel-size", help="Pixel size in Å, for files that give none")
+BoxOpt = typer.Option(None, "--box", help="Fourier-crop the particles to this box (pixels)")
+MaxParticlesOpt = typer.Option(None, "--max-particles", help="Keep the first N particles")
+ForceOpt = typer.Option(False, "--force", help="Write into a non-empty --out")
 
 
 def progress_bar() -> Progress:
@@ -139,22 +142,20 @@ def pose_coverage(rotations: torch.Tensor, n_directions: int = 400, max_sample: 
 def downsample(
     particles: Path = typer.Argument(..., help="Particles: .star, .cs, or .mrcs with --poses/--ctf"),
     out: Path = typer.Option(..., "--out", help="Output folder: particles.star + particles.mrcs"),
-    box: Optional[int] = typer.Option(None, "--box", help="New box size in pixels (Fourier crop)"),
-    max_particles: Optional[int] = typer.Option(None, "--max-particles", help="Keep the first N"),
+    box: Optional[int] = BoxOpt,
+    max_particles: Optional[int] = MaxParticlesOpt,
     datadir: Optional[Path] = DatadirOpt,
     poses: Optional[Path] = PosesOpt,
     ctf: Optional[Path] = CtfOpt,
     pixel_size: Optional[float] = PixelOpt,
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out"),
+    force: bool = ForceOpt,
 ):
     """Fourier-crop and/or subset particles into a RELION 3.1 STAR + MRCS."""
     from cryosplat.io import read_particles, write_particles
 
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size,
                        box_size=box, max_particles=max_particles)
-    if len(p.pixel_size_A.unique()) > 1:
-        raise InputError(particles, "optics groups have different pixel sizes; one output stack "
-                                    "needs one pixel size")
+    p.require_single_pixel_size()
     p.images.check()
     prepare_out_dir(out, force)
     with progress_bar() as bar:
@@ -182,7 +183,7 @@ def simulate(
     amplitude_contrast: float = typer.Option(0.1, "--amplitude-contrast"),
     bfactor: float = typer.Option(0.0, "--bfactor", help="Extra B-factor on the atoms, Å²"),
     seed: int = typer.Option(0, "--seed"),
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out"),
+    force: bool = ForceOpt,
 ):
     """Simulate particles (RELION 3.1 STAR + MRCS) and the ground-truth map."""
     from cryosplat.simulate import SimulationConfig, simulate_dataset
@@ -209,11 +210,8 @@ def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None) ->
     from cryosplat.io import read_volume, write_volume
     from cryosplat.reconstruct import assign_half_sets, backproject as bp
 
-    if len(p.pixel_size_A.unique()) > 1:
-        raise InputError(p.source, "optics groups have different pixel sizes; rescale them to "
-                                   "one (cryosplat downsample) before backprojecting")
+    pix = p.require_single_pixel_size()
     half = assign_half_sets(p, seed)
-    pix = float(p.pixel_size_A[0])
     with progress_bar() as bar:
         task = bar.add_task("backprojecting", total=len(p))
         result = bp(p, half, progress=lambda k: bar.advance(task, k))
@@ -243,14 +241,14 @@ def backproject(
     particles: Path = typer.Argument(..., help="Particles: .star, .cs, or .mrcs with --poses/--ctf"),
     out: Path = typer.Option(..., "--out", help="Output folder"),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth map for an FSC"),
-    box: Optional[int] = typer.Option(None, "--box", help="Fourier-crop the particles first"),
-    max_particles: Optional[int] = typer.Option(None, "--max-particles"),
+    box: Optional[int] = BoxOpt,
+    max_particles: Optional[int] = MaxParticlesOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the half-set split, if the file has none"),
     datadir: Optional[Path] = DatadirOpt,
     poses: Optional[Path] = PosesOpt,
     ctf: Optional[Path] = CtfOpt,
     pixel_size: Optional[float] = PixelOpt,
-    force: bool = typer.Option(False, "--force", help="Write into a non-empty --out"),
+    force: bool = ForceOpt,
 ):
     """Direct Fourier inversion with known poses and CTF: map, half-maps, FSC."""
     from cryosplat.io import read_particles

@@ -106,6 +106,14 @@ class Particles:
                                           "ctf.pkl)")
         return self.ctf
 
+    def require_single_pixel_size(self) -> float:
+        """The dataset's one pixel size; an error if its optics groups differ."""
+        sizes = sorted({round(float(x), 6) for x in self.pixel_size_A.unique()})
+        if len(sizes) > 1:
+            raise InputError(self.source, f"optics groups have different pixel sizes ({sizes} Å);"
+                                          " this step needs one pixel size")
+        return float(self.pixel_size_A[0])
+
     def read_images(self, indices) -> torch.Tensor:
         """Images of particles ``indices``: `(n, D, D)` float32 tensor."""
         return torch.from_numpy(self.images.read(np.asarray(indices)))
