@@ -82,16 +82,11 @@ def shell_index(padded_size: int, device=None) -> torch.Tensor:
 def invert(ins: Insertion, regulariser: torch.Tensor | float) -> torch.Tensor:
     """``sum CTF F / (sum CTF² + regulariser)`` back to a `(D, D, D)` map.
 
-    ``regulariser`` is a scalar or one value per padded-grid shell.
+    ``regulariser`` is a scalar or a grid shaped like ``ins.denominator``.
     """
     from torch_fourier_slice.volume_utils import separable_sinc2_correction
 
-    if isinstance(regulariser, torch.Tensor):
-        shells = shell_index(ins.padded_size, ins.numerator.device)
-        reg = regulariser.to(ins.denominator)[shells]
-    else:
-        reg = regulariser
-    total = ins.denominator + reg
+    total = ins.denominator + regulariser
     ft = torch.where(total > 0, ins.numerator / total.clamp_min(1e-30), torch.zeros_like(ins.numerator))
     p, d = ins.padded_size, ins.box_size
     ft = torch.fft.ifftshift(ft, dim=(-3, -2))
@@ -103,7 +98,7 @@ def invert(ins: Insertion, regulariser: torch.Tensor | float) -> torch.Tensor:
 
 
 def wiener_regulariser(half1: Insertion, half2: Insertion) -> torch.Tensor:
-    """Per-shell ``1/SNR(k)`` for the full set, from a first pass's half-map FSC.
+    """``1/SNR(k)`` for the full set on the padded grid, from a first pass's half-map FSC.
 
     ``SNR_full = 2 FSC / (1 - FSC)`` (the full set doubles the half-sets' SNR); the
     regulariser is the shell's mean ``sum CTF²`` divided by it (RELION's tau² idea).
@@ -113,7 +108,8 @@ def wiener_regulariser(half1: Insertion, half2: Insertion) -> torch.Tensor:
     f = f.clamp(1e-3, 0.999)
     snr_full = 2 * f / (1 - f)
     # padded-grid shell r is box shell r * D / P (beyond Nyquist: the last shell's SNR)
-    shells = shell_index(half1.padded_size, half1.denominator.device).flatten()
+    grid_shells = shell_index(half1.padded_size, half1.denominator.device)
+    shells = grid_shells.flatten()
     n_shells = int(shells.max()) + 1
     scale = half1.box_size / half1.padded_size
     box_shell = torch.clamp((torch.arange(n_shells) * scale).round().long(), max=len(f) - 1)
@@ -121,7 +117,8 @@ def wiener_regulariser(half1: Insertion, half2: Insertion) -> torch.Tensor:
     counts = torch.bincount(shells, minlength=n_shells).clamp_min(1)
     mean_den = torch.bincount(shells, weights=den, minlength=n_shells) / counts
     # shells no slice reached (the padded grid's corners) keep the first pass's eps
-    return (mean_den / snr_full[box_shell]).clamp_min(eps).float()
+    per_shell = (mean_den / snr_full[box_shell]).clamp_min(eps).float()
+    return per_shell[grid_shells]
 
 
 @dataclass
