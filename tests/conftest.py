@@ -171,3 +171,16 @@ def write_cryodrgn(folder: Path, t: Truth, images: np.ndarray | None = None) -> 
 @pytest.fixture
 def truth() -> Truth:
     return make_truth()
+
+
+def real_space_projection(vol: np.ndarray, a: np.ndarray) -> np.ndarray:
+    """p(x, y) = sum_z V(A^T (x, y, z)), trilinear sampling, FFT-aligned grid."""
+    from scipy.ndimage import map_coordinates
+
+    d = vol.shape[0]
+    c = np.arange(d) - d // 2
+    z, y, x = np.meshgrid(c, c, c, indexing="ij")
+    r = np.stack([x, y, z], -1).reshape(-1, 3)  # particle-frame coordinates
+    s = r @ a  # rows of (A^T r)^T
+    idx = np.stack([s[:, 2], s[:, 1], s[:, 0]]) + d // 2
+    return map_coordinates(vol, idx, order=1, cval=0.0).reshape(d, d, d).sum(axis=0)

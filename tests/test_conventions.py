@@ -10,11 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.ndimage import map_coordinates
 from scipy.spatial.transform import Rotation
 from torch_ctf import calculate_ctf_2d
 from torch_fourier_shift import fourier_shift_image_2d
 from torch_fourier_slice import project_3d_to_2d
+
+from conftest import real_space_projection
 
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams, ctf_rfft, electron_wavelength_A
@@ -95,17 +96,6 @@ def lopsided_volume(d: int) -> tuple[np.ndarray, list[tuple[np.ndarray, float]]]
     for mu, amp in blobs:
         vol += amp * np.exp(-((x - mu[0]) ** 2 + (y - mu[1]) ** 2 + (z - mu[2]) ** 2) / (2 * 1.5**2))
     return vol, blobs
-
-
-def real_space_projection(vol: np.ndarray, a: np.ndarray) -> np.ndarray:
-    """p(x, y) = sum_z V(A^T (x, y, z)), trilinear sampling, FFT-aligned grid."""
-    d = vol.shape[0]
-    c = np.arange(d) - d // 2
-    z, y, x = np.meshgrid(c, c, c, indexing="ij")
-    r = np.stack([x, y, z], -1).reshape(-1, 3)  # particle-frame coordinates
-    s = r @ a  # rows of (A^T r)^T
-    idx = np.stack([s[:, 2], s[:, 1], s[:, 0]]) + d // 2
-    return map_coordinates(vol, idx, order=1, cval=0.0).reshape(d, d, d).sum(axis=0)
 
 
 def corr(a, b) -> float:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from cryosplat import geometry
-from cryosplat.evaluate import fsc, resolution_A
+from cryosplat.evaluate import (auto_mask, fsc, fsc_curves, phase_randomised_correction,
+                                resolution_A, spherical_mask)
 from cryosplat.gmm import voxelise, voxelise_dense
 from cryosplat.io import read_particles
 from cryosplat.reconstruct import backproject
@@ -112,6 +113,69 @@ def test_cli_simulate_backproject_fsc(tmp_path):
         assert (tmp_path / "bp" / f).stat().st_size > 0
     s = json.loads(run("fsc", tmp_path / "bp" / "map.mrc", "--truth",
                        tmp_path / "sim" / "ground_truth.mrc", "--json"))
-    assert 6.0 <= s["resolution_A_0.143"] < 30.0
+    assert 6.0 <= s["resolution_A"]["unmasked"]["0.143"] < 30.0
+    assert set(s["fsc"]) == {"unmasked", "spherical mask", "auto-mask", "corrected"}
+    summary = json.loads((tmp_path / "bp" / "summary.json").read_text())
+    assert summary["resolutions_A"]["map vs truth"]["0.143"] == pytest.approx(
+        s["resolution_A"]["unmasked"]["0.143"], rel=1e-4)
     with mrcfile.open(tmp_path / "bp" / "map.mrc") as m:
         assert m.voxel_size.x == pytest.approx(3.0)
+
+
+@pytest.fixture(scope="module")
+def small_truth():
+    """The built-in model's potential on a 32³ grid of 3 Å voxels."""
+    return structure_to_map(builtin_structure(), 32, 3.0)[0].double()
+
+
+def test_spherical_mask_is_one_inside_zero_at_the_faces_and_radial():
+    m = spherical_mask(32, 2.0)
+    assert m[16, 16, 16] == 1 and m[0].max() == 0 and m[:, :, 0].max() == 0
+    c = geometry.grid_1d_A(32, 2.0)
+    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
+    assert (m[r <= 0.8 * 32] == 1).all() and (m[r >= 0.9 * 32] == 0).all()
+    edge = (r > 0.8 * 32) & (r < 0.9 * 32)
+    assert ((m[edge] > 0) & (m[edge] < 1)).any()
+
+
+def test_auto_mask_covers_the_density_and_leaves_the_faces(small_truth):
+    m = auto_mask(small_truth, 3.0)
+    assert (m[small_truth > 0.1 * small_truth.max()] > 0.999).all()
+    assert m[[0, -1]].max() == 0 and m[:, [0, -1]].max() == 0 and m[..., [0, -1]].max() == 0
+    assert 0.02 < float(m.mean()) < 0.5
+
+
+def test_phase_randomisation_removes_the_masks_correlation(small_truth):
+    """Two maps share only a signal below 0.15 cycles/voxel; beyond it their FSC is truly 0.
+    A hard mask correlates the noise beyond it; the corrected curve does not."""
+    d = 32
+    f = torch.fft.rfftn(small_truth)
+    k = torch.sqrt(sum(x**2 for x in torch.meshgrid(torch.fft.fftfreq(d), torch.fft.fftfreq(d),
+                                                     torch.fft.rfftfreq(d), indexing="ij")))
+    low = torch.fft.irfftn(torch.where(k > 0.15, 0, f), s=small_truth.shape).double()
+    g = torch.Generator().manual_seed(0)
+    a, b = (low + 0.3 * low.std() * torch.randn(low.shape, generator=g, dtype=torch.float64)
+            for _ in range(2))
+    mask = auto_mask(small_truth, 3.0, extend_A=0.0, soft_edge_A=0.0).double()
+    c = fsc_curves(a, b, 3.0, mask=mask)
+    beyond = slice(int(0.15 * d) + 3, None)
+    assert np.abs(c["unmasked"][beyond]).mean() < 0.05
+    assert c["mask"][beyond].mean() > 0.3  # the mask's own correlation
+    assert np.abs(c["corrected"][beyond]).mean() < 0.1
+    # below the randomisation shell the corrected curve is the masked one
+    np.testing.assert_allclose(c["corrected"][:4], c["mask"][:4])
+    # nothing to correct when the unmasked FSC never falls below 0.8
+    same = phase_randomised_correction(a, a, mask, fsc(a, a), fsc(a * mask, a * mask))
+    assert torch.allclose(same, fsc(a * mask, a * mask))
+
+
+def test_invert_negates_the_reconstruction(tmp_path):
+    cfg = SimulationConfig(n_particles=400, box_size=32, pixel_size_A=3.0, snr=10.0, seed=5)
+    sim = simulate_dataset(None, tmp_path, cfg)
+    truth = torch.from_numpy(mrcfile.read(sim["ground_truth"]).copy())
+    cc = {}
+    for inv in (False, True):
+        p = read_particles(sim["particles"], invert=inv)
+        m = backproject(p, p.half_set.numpy()).map
+        cc[inv] = float(torch.corrcoef(torch.stack([m.flatten(), truth.flatten()]))[0, 1])
+    assert cc[False] > 0.8 and cc[True] < -0.8

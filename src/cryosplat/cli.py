@@ -29,6 +29,10 @@ PixelOpt = typer.Option(None, "--pixel-size", help="Pixel size in Å, for files 
 BoxOpt = typer.Option(None, "--box", help="Fourier-crop the particles to this box (pixels)")
 MaxParticlesOpt = typer.Option(None, "--max-particles", help="Keep the first N particles")
 ForceOpt = typer.Option(False, "--force", help="Write into a non-empty --out")
+InvertOpt = typer.Option(False, "--invert", help="Negate the images: for stacks where the "
+                                                 "molecule is dark (cryoDRGN-style contrast)")
+MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
+                                            "corrected FSC, instead of the soft auto-mask")
 
 
 def progress_bar() -> Progress:
@@ -148,13 +152,14 @@ def downsample(
     poses: Optional[Path] = PosesOpt,
     ctf: Optional[Path] = CtfOpt,
     pixel_size: Optional[float] = PixelOpt,
+    invert: bool = InvertOpt,
     force: bool = ForceOpt,
 ):
     """Fourier-crop and/or subset particles into a RELION 3.1 STAR + MRCS."""
     from cryosplat.io import read_particles, write_particles
 
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size,
-                       box_size=box, max_particles=max_particles)
+                       box_size=box, max_particles=max_particles, invert=invert)
     p.require_single_pixel_size()
     p.images.check()
     prepare_out_dir(out, force)
@@ -204,10 +209,49 @@ def simulate(
     console.print(f"ground truth: {result['ground_truth']}")
 
 
-def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None) -> dict:
+def read_map_like(path: Path, box_size: int, voxel_size_A: float, what: str) -> torch.Tensor:
+    """A map (truth or mask) that must share the reconstruction's grid."""
+    from cryosplat.io import read_volume
+
+    vol, vox = read_volume(path)
+    if vol.shape[0] != box_size or abs(vox - voxel_size_A) > 1e-3:
+        raise InputError(path, f"{what} is {vol.shape[0]} voxels of {vox:g} Å; expected "
+                               f"{box_size} voxels of {voxel_size_A:g} Å like the maps")
+    if what == "mask" and (vol.min() < -1e-3 or vol.max() > 1 + 1e-3):
+        raise InputError(path, f"mask values span [{vol.min():g}, {vol.max():g}]; expected [0, 1]")
+    return torch.from_numpy(vol)
+
+
+def fsc_report(half_1: torch.Tensor, half_2: torch.Tensor, full: torch.Tensor | None,
+               voxel_size_A: float, truth: Optional[Path] = None,
+               mask: Optional[Path] = None) -> tuple[dict, dict]:
+    """Half-map FSC curves (unmasked, spherical, auto-mask or mask, corrected) and, with
+    ``truth``, the full map against it. Returns (curves, resolutions in Å at 0.143 and 0.5)."""
+    from cryosplat.evaluate import fsc as fsc_curve, fsc_curves, resolution_A
+
+    d = half_1.shape[-1]
+    m = None if mask is None else read_map_like(mask, d, voxel_size_A, "mask")
+    curves = {f"half-maps, {k}": v for k, v in fsc_curves(half_1, half_2, voxel_size_A, m).items()}
+    if truth is not None:
+        gt = read_map_like(truth, d, voxel_size_A, "ground truth")
+        curves["map vs truth"] = fsc_curve(full, gt).numpy()
+    res = {name: {"0.143": resolution_A(c, d, voxel_size_A),
+                  "0.5": resolution_A(c, d, voxel_size_A, 0.5)} for name, c in curves.items()}
+    return curves, res
+
+
+def print_resolutions(res: dict) -> None:
+    table = Table("FSC", "0.143 (Å)", "0.5 (Å)")
+    for name, r in res.items():
+        table.add_row(name, f"{r['0.143']:.2f}", f"{r['0.5']:.2f}")
+    console.print(table)
+
+
+def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None,
+                       mask: Optional[Path] = None) -> dict:
     """Backproject ``p`` into out/ (maps, fsc.csv, fsc.png); return the resolutions."""
-    from cryosplat.evaluate import fsc as fsc_curve, resolution_A, write_fsc
-    from cryosplat.io import read_volume, write_volume
+    from cryosplat.evaluate import write_fsc
+    from cryosplat.io import write_volume
     from cryosplat.reconstruct import assign_half_sets, backproject as bp
 
     pix = p.require_single_pixel_size()
@@ -220,19 +264,15 @@ def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None) ->
         if not torch.isfinite(vol).all():
             raise RuntimeError(f"backprojection produced NaN/Inf in {name}")
         write_volume(out / f"{name}.mrc", vol, pix)
-    curves = {"half-maps": result.fsc.numpy()}
-    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "half_map_resolution_A": resolution_A(result.fsc, p.box_size, pix)}
-    if truth is not None:
-        gt, gt_pix = read_volume(truth)
-        if gt.shape[0] != p.box_size or abs(gt_pix - pix) > 1e-3:
-            raise InputError(truth, f"map is {gt.shape[0]} voxels of {gt_pix:g} Å; the particles"
-                                    f" are {p.box_size} pixels of {pix:g} Å")
-        ft = fsc_curve(result.map, torch.from_numpy(gt))
-        curves["map vs truth"] = ft.numpy()
-        summary["truth_resolution_A_0.143"] = resolution_A(ft, p.box_size, pix)
-        summary["truth_resolution_A_0.5"] = resolution_A(ft, p.box_size, pix, 0.5)
+    curves, res = fsc_report(result.half_map_1, result.half_map_2, result.map, pix, truth, mask)
     write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix, "direct Fourier inversion")
+    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+               "half_map_resolution_A": res["half-maps, unmasked"]["0.143"],
+               "half_map_resolution_A_corrected": res["half-maps, corrected"]["0.143"],
+               "resolutions_A": res}
+    if truth is not None:
+        summary["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
+        summary["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
     return summary
 
 
@@ -241,6 +281,7 @@ def backproject(
     particles: Path = typer.Argument(..., help="Particles: .star, .cs, or .mrcs with --poses/--ctf"),
     out: Path = typer.Option(..., "--out", help="Output folder"),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth map for an FSC"),
+    mask: Optional[Path] = MaskOpt,
     box: Optional[int] = BoxOpt,
     max_particles: Optional[int] = MaxParticlesOpt,
     seed: int = typer.Option(0, "--seed", help="Seed of the half-set split, if the file has none"),
@@ -248,21 +289,19 @@ def backproject(
     poses: Optional[Path] = PosesOpt,
     ctf: Optional[Path] = CtfOpt,
     pixel_size: Optional[float] = PixelOpt,
+    invert: bool = InvertOpt,
     force: bool = ForceOpt,
 ):
     """Direct Fourier inversion with known poses and CTF: map, half-maps, FSC."""
     from cryosplat.io import read_particles
 
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size,
-                       box_size=box, max_particles=max_particles)
+                       box_size=box, max_particles=max_particles, invert=invert)
     p.require_poses(), p.require_ctf(), p.images.check()
     prepare_out_dir(out, force)
-    s = run_backprojection(p, out, seed, truth)
+    s = run_backprojection(p, out, seed, truth, mask)
     (out / "summary.json").write_text(json.dumps(s, indent=2))
-    console.print(f"half-map FSC resolution (0.143): {s['half_map_resolution_A']:.2f} Å")
-    if truth is not None:
-        console.print(f"map vs truth: {s['truth_resolution_A_0.143']:.2f} Å (0.143), "
-                      f"{s['truth_resolution_A_0.5']:.2f} Å (0.5)")
+    print_resolutions(s["resolutions_A"])
     console.print(f"outputs in {out}: map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png")
 
 
@@ -271,28 +310,33 @@ def fsc(
     map_a: Path = typer.Argument(..., help="First map (.mrc)"),
     map_b: Optional[Path] = typer.Argument(None, help="Second map (.mrc)"),
     truth: Optional[Path] = typer.Option(None, "--truth", help="Compare MAP_A with a known map"),
-    as_json: bool = typer.Option(False, "--json"),
+    mask: Optional[Path] = MaskOpt,
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write fsc.csv and fsc.png here"),
+    as_json: bool = typer.Option(False, "--json", help="Print curves and resolutions as JSON"),
 ):
-    """FSC between two maps and the resolution at 0.143 and 0.5 (unmasked)."""
-    from cryosplat.evaluate import fsc as fsc_curve, resolution_A, shell_frequencies
+    """FSC of two maps (or a map and --truth): unmasked, spherical mask, soft auto-mask (or
+    --mask), phase-randomisation corrected; resolution at 0.143 and 0.5."""
+    from cryosplat.evaluate import fsc_curves, resolution_A, shell_frequencies, write_fsc
     from cryosplat.io import read_volume
 
     other = truth if truth is not None else map_b
     if other is None or (truth is not None and map_b is not None):
         raise InputError(None, "give two maps, or one map and --truth")
     a, pa = read_volume(map_a)
-    b, pb = read_volume(other)
-    if a.shape != b.shape or abs(pa - pb) > 1e-3:
-        raise InputError(other, f"map is {b.shape[0]} voxels of {pb:g} Å; {map_a} is "
-                                f"{a.shape[0]} voxels of {pa:g} Å")
-    curve = fsc_curve(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    b = read_map_like(other, a.shape[0], pa, "map")
+    m = None if mask is None else read_map_like(mask, a.shape[0], pa, "mask")
+    curves = fsc_curves(torch.from_numpy(a), b, pa, m)
     d = a.shape[0]
-    res = {"resolution_A_0.143": resolution_A(curve, d, pa), "resolution_A_0.5": resolution_A(curve, d, pa, 0.5),
-           "frequency_per_A": shell_frequencies(d, pa).tolist(), "fsc": curve.tolist()}
+    res = {k: {"0.143": resolution_A(c, d, pa), "0.5": resolution_A(c, d, pa, 0.5)}
+           for k, c in curves.items()}
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        write_fsc(out / "fsc.csv", out / "fsc.png", curves, d, pa, f"{map_a.name} vs {other.name}")
     if as_json:
-        print(json.dumps(res, indent=2))
+        print(json.dumps({"resolution_A": res, "frequency_per_A": shell_frequencies(d, pa).tolist(),
+                          "fsc": {k: c.tolist() for k, c in curves.items()}}, indent=2))
     else:
-        console.print(f"FSC 0.143: {res['resolution_A_0.143']:.2f} Å, FSC 0.5: {res['resolution_A_0.5']:.2f} Å")
+        print_resolutions(res)
 
 
 @app.command()
@@ -325,6 +369,7 @@ def demo(
     p = read_particles(sim["particles"])
     s = run_backprojection(p, rec, 0, Path(sim["ground_truth"]))
     (rec / "summary.json").write_text(json.dumps(s, indent=2))
+    print_resolutions(s["resolutions_A"])
     console.print(f"half-map FSC resolution (0.143): [bold]{s['half_map_resolution_A']:.2f} Å[/bold]")
     console.print(f"map vs ground truth: {s['truth_resolution_A_0.143']:.2f} Å (0.143), "
                   f"{s['truth_resolution_A_0.5']:.2f} Å (0.5); Nyquist {2 * cfg.pixel_size_A:.2f} Å")

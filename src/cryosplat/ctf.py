@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from cryosplat.geometry import rfft_frequencies_2d
+from cryosplat.geometry import origin_to_translation_A, rfft_frequencies_2d, translate_rfft
 
 CTF_FIELDS_DOC = {
     "defocus_u_A": "rlnDefocusU (Å, positive = underfocus)",
@@ -102,3 +102,20 @@ def ctf_rfft(params: CTFParams, box_size: int, pixel_size_A: float | torch.Tenso
            + torch.atan(q0 / torch.sqrt(1 - q0**2)))
     envelope = col(params.scale) * torch.exp(-col(params.bfactor_A2) * k2 / 4)
     return envelope * torch.sin(chi)
+
+
+def modulate(image_rfft: torch.Tensor, origin_A: torch.Tensor, params: CTFParams,
+             pixel_size_A: float | torch.Tensor) -> torch.Tensor:
+    """The particle's image formation after projection, in rfft space: shift by ``-origin``
+    (RELION: the particle's centre sits at ``-rlnOrigin`` from the box centre), then the CTF.
+
+    Parameters
+    ----------
+    image_rfft: `(N, D, D//2+1)` ``rfft2`` of projections (centre at pixel D//2).
+    origin_A: `(N, 2)` rlnOriginX/YAngst.
+    params: `N` particles' CTF; pixel_size_A: scalar or `(N,)`.
+    """
+    d = image_rfft.shape[-2]
+    f = translate_rfft(image_rfft, origin_to_translation_A(origin_A).to(image_rfft.real.dtype),
+                       pixel_size_A, d)
+    return f * ctf_rfft(params, d, pixel_size_A).to(f.real.dtype)

@@ -1,4 +1,16 @@
-"""Fourier shell correlation and resolution."""
+"""Fourier shell correlation, masks and resolution.
+
+Four FSC curves are reported for a pair of maps, as in RELION's post-processing:
+
+- unmasked;
+- with a soft spherical mask (radius 0.9 x half the box by default);
+- with a soft auto-mask made from the maps themselves (low-passed, thresholded, extended,
+  raised-cosine edge), or with the user's mask;
+- that masked curve corrected for the mask's own correlation by phase randomisation
+  (Chen et al. 2013, Ultramicroscopy 135:24): the phases of both maps are randomised beyond the
+  shell where the unmasked FSC first falls below 0.8, the randomised maps are masked the same
+  way, and ``FSC_true = (FSC_masked - FSC_random) / (1 - FSC_random)`` beyond that shell.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +28,116 @@ def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")
     return _fsc(map_a.double(), map_b.double()).float()
+
+
+def fsc_curves(map_a: torch.Tensor, map_b: torch.Tensor, voxel_size_A: float,
+               mask: torch.Tensor | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+    """The four FSC curves of two `(D, D, D)` maps: each `(D//2 + 1,)`.
+
+    Keys: ``unmasked``, ``spherical mask``, ``auto-mask`` (or ``mask`` when ``mask`` is given)
+    and ``corrected`` (phase-randomisation corrected, with the auto-mask or ``mask``).
+    """
+    a, b = map_a.double(), map_b.double()
+    d = a.shape[-1]
+    sphere = spherical_mask(d, voxel_size_A).double()
+    name = "mask"
+    if mask is None:
+        mask, name = auto_mask((a + b) / 2, voxel_size_A).double(), "auto-mask"
+    mask = mask.double()
+    unmasked = fsc(a, b)
+    masked = fsc(a * mask, b * mask)
+    return {"unmasked": unmasked.numpy(), "spherical mask": fsc(a * sphere, b * sphere).numpy(),
+            name: masked.numpy(),
+            "corrected": phase_randomised_correction(a, b, mask, unmasked, masked, seed).numpy()}
+
+
+def phase_randomised_correction(map_a: torch.Tensor, map_b: torch.Tensor, mask: torch.Tensor,
+                                unmasked: torch.Tensor, masked: torch.Tensor,
+                                seed: int = 0) -> torch.Tensor:
+    """Chen et al. (2013): the masked FSC with the mask's own correlation removed.
+
+    Each map's phases are replaced by independent random ones beyond the first shell where
+    ``unmasked`` falls below 0.8; the curves are `(D//2 + 1,)`. If it never falls below 0.8,
+    there is nothing to randomise and ``masked`` is returned.
+    """
+    d = map_a.shape[-1]
+    below = np.nonzero(np.asarray(unmasked)[1:] < 0.8)[0]
+    if below.size == 0:
+        return masked.clone()
+    cutoff = int(below[0]) + 1
+    g = torch.Generator().manual_seed(seed)
+    radius = _rfft_radius(d) * d  # in shells
+    beyond = radius >= cutoff
+    randomised = []
+    for m in (map_a, map_b):
+        f = torch.fft.rfftn(m)
+        phase = torch.rand(f.shape, generator=g, dtype=torch.float64) * 2 * torch.pi
+        f = torch.where(beyond, f.abs() * torch.exp(1j * phase), f)
+        randomised.append(torch.fft.irfftn(f, s=m.shape))
+    rand = fsc(randomised[0] * mask, randomised[1] * mask).double()
+    masked = masked.double()
+    corrected = masked.clone()
+    tail = slice(cutoff, None)
+    corrected[tail] = (masked[tail] - rand[tail]) / (1 - rand[tail]).clamp_min(1e-6)
+    return corrected.float()
+
+
+def _rfft_radius(box_size: int) -> torch.Tensor:
+    """|k| in cycles per voxel of each element of a `(D, D, D//2+1)` rfftn (unshifted)."""
+    k = torch.fft.fftfreq(box_size, dtype=torch.float64)
+    kx = torch.fft.rfftfreq(box_size, dtype=torch.float64)
+    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
+    return torch.sqrt(z**2 + y**2 + x**2)
+
+
+def spherical_mask(box_size: int, voxel_size_A: float, radius_A: float | None = None,
+                   soft_edge_A: float | None = None) -> torch.Tensor:
+    """A soft spherical mask centred on voxel D//2: `(D, D, D)` in [0, 1].
+
+    Defaults: radius 0.9 x D/2 voxels less the edge, a raised-cosine edge of 0.1 x D/2 voxels,
+    so the mask reaches 0 at 0.9 x D/2 and never touches the box's faces.
+    """
+    from cryosplat.geometry import grid_1d_A
+
+    half = box_size / 2 * voxel_size_A
+    edge = 0.1 * half if soft_edge_A is None else soft_edge_A
+    radius = 0.9 * half - edge if radius_A is None else radius_A
+    c = grid_1d_A(box_size, voxel_size_A, dtype=torch.float64)
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    return _soft_edge(torch.sqrt(x**2 + y**2 + z**2) - radius, edge).float()
+
+
+def _soft_edge(distance_A: torch.Tensor, width_A: float) -> torch.Tensor:
+    """1 at distance <= 0, raised cosine to 0 at ``width_A``, 0 beyond."""
+    if width_A <= 0:
+        return (distance_A <= 0).to(distance_A.dtype)
+    t = (distance_A / width_A).clamp(0, 1)
+    return 0.5 * (1 + torch.cos(torch.pi * t))
+
+
+def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0,
+              threshold: float | None = None, extend_A: float = 3.0,
+              soft_edge_A: float = 6.0) -> torch.Tensor:
+    """A soft mask around the density of ``volume`` `(D, D, D)`: `(D, D, D)` in [0, 1].
+
+    The map is low-passed (Gaussian, to ``lowpass_A``), thresholded (default: 10% of the
+    low-passed map's maximum), the binary mask is extended by ``extend_A`` and given a
+    raised-cosine edge ``soft_edge_A`` wide. The distance is Euclidean (scipy).
+    """
+    from scipy import ndimage
+
+    d = volume.shape[-1]
+    f = torch.fft.rfftn(volume.double())
+    k_per_A = _rfft_radius(d) / voxel_size_A
+    sigma_k = 1.0 / lowpass_A  # Gaussian whose amplitude is exp(-1/2) at 1/lowpass
+    low = torch.fft.irfftn(f * torch.exp(-0.5 * (k_per_A / sigma_k) ** 2), s=volume.shape)
+    level = 0.1 * float(low.max()) if threshold is None else threshold
+    binary = (low > level).numpy()
+    if not binary.any():
+        raise ValueError(f"auto-mask: no voxel above the threshold {level:g}")
+    outside = ndimage.distance_transform_edt(~binary) * voxel_size_A
+    distance = torch.from_numpy(outside) - extend_A
+    return _soft_edge(distance, soft_edge_A).float()
 
 
 def shell_frequencies(box_size: int, voxel_size_A: float) -> np.ndarray:

@@ -1,7 +1,34 @@
-"""Mixtures of normalised 3D Gaussians: ``V(r) = sum_i A_i N(r; mu_i, Sigma_i)``.
+"""Mixtures of normalised 3D Gaussians and their physics-exact, differentiable projection.
 
-Coordinates in Å, origin at voxel D//2 (cryosplat.geometry). This module holds the
-windowed voxeliser; the differentiable splatting renderer is built on the same mixture.
+The density is ``V(r) = sum_i A_i N(r; mu_i, Sigma_i)`` with ``Sigma_i = R_i S_i S_i^T R_i^T``.
+Coordinates are in Å, xyz, with the origin at voxel/pixel D//2 (cryosplat.geometry).
+
+Projection along the beam after the rotation ``A`` (RELION's matrix, ``r_image = A r_map``) of
+a normalised Gaussian is its normalised 2D marginal:
+
+- mean ``(A mu)[:2]``,
+- covariance the top-left 2x2 block of ``A Sigma A^T``,
+- prefactor ``1 / (2 pi sqrt(det Sigma_2D))``: the view-dependent normalisation.
+
+Contributions add; there is no alpha blending and no depth sorting. An optional isotropic
+blur ``blur_A`` (Å, standard deviation) adds ``blur_A^2 I`` to every 2D covariance, on both
+axes, before the prefactor is computed; forward and backward both see it, because the backward
+pass differentiates the same blurred covariance.
+
+Backends, behind :func:`render_rfft`:
+
+- ``"patch"`` (default): each Gaussian evaluated on a square window of pixels around its centre
+  (``n_sigma`` standard deviations; windows are grouped by size so that a few large Gaussians do
+  not widen everyone's window) and scattered into the image. A custom autograd function
+  recomputes the windows in the backward pass, so memory does not grow with
+  Gaussians x window x batch.
+- ``"fourier"``: the analytic transform ``A exp(-2 pi i k.mu) exp(-2 pi^2 k^T Sigma k)`` on the
+  rfft grid, optionally band-limited to ``k_max``. Exact for the band it covers, with no
+  aliasing and periodic in real space; for tests and low-resolution stages.
+
+Both return ``rfft2`` of the `(D, D)` image array (pixel D//2 at the centre; values are
+density per Å², so ``sum(image) * pixel_size^2`` is the projected mass). The CTF and the
+particle's shift are then applied by :func:`cryosplat.ctf.modulate`.
 """
 
 from __future__ import annotations
@@ -9,8 +36,325 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
-from cryosplat.geometry import grid_1d_A
+from cryosplat.geometry import grid_1d_A, quaternion_to_matrix, rfft_frequencies_2d
+
+
+# ---------------------------------------------------------------------------------------
+# The mixture
+# ---------------------------------------------------------------------------------------
+
+
+class GaussianMixture(torch.nn.Module):
+    """``M`` normalised 3D Gaussians; positive quantities are stored through exp/softplus.
+
+    Parameters (``torch.nn.Parameter``):
+
+    - ``means_A`` `(M, 3)`: centres (x, y, z) in Å from the box centre.
+    - ``log_scales_A`` `(M, 3)`: log of the standard deviations along the principal axes.
+    - ``quaternions`` `(M, 4)`: orientation ``(w, x, y, z)``, normalised when used.
+    - ``raw_amplitudes`` `(M,)`: ``amplitudes = softplus(raw_amplitudes)``, integrated masses.
+    """
+
+    def __init__(self, means_A: torch.Tensor, scales_A: torch.Tensor,
+                 quaternions: torch.Tensor, amplitudes: torch.Tensor):
+        super().__init__()
+        if not (means_A.ndim == 2 and means_A.shape[1] == 3 and scales_A.shape == means_A.shape
+                and quaternions.shape == (means_A.shape[0], 4)
+                and amplitudes.shape == (means_A.shape[0],)):
+            raise ValueError("expected means (M, 3), scales (M, 3), quaternions (M, 4), "
+                             f"amplitudes (M,); got {tuple(means_A.shape)}, {tuple(scales_A.shape)}"
+                             f", {tuple(quaternions.shape)}, {tuple(amplitudes.shape)}")
+        if (scales_A <= 0).any() or (amplitudes <= 0).any():
+            raise ValueError("scales and amplitudes must be positive")
+        self.means_A = torch.nn.Parameter(means_A.clone())
+        self.log_scales_A = torch.nn.Parameter(scales_A.log())
+        self.quaternions = torch.nn.Parameter(quaternions.clone())
+        self.raw_amplitudes = torch.nn.Parameter(_softplus_inverse(amplitudes))
+
+    def __len__(self) -> int:
+        return self.means_A.shape[0]
+
+    @classmethod
+    def random(cls, n: int, radius_A: float, scale_A: float, amplitude: float = 1.0,
+               generator: torch.Generator | None = None, dtype=torch.float32,
+               device=None) -> "GaussianMixture":
+        """``n`` isotropic Gaussians, uniform in a ball of ``radius_A``, random orientations."""
+        u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
+        d = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+        means = d / d.norm(dim=-1, keepdim=True) * radius_A * u ** (1 / 3)
+        q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
+        q = q / q.norm(dim=-1, keepdim=True)
+        kw = dict(dtype=dtype, device=device)
+        return cls(means.to(**kw), torch.full((n, 3), scale_A, **kw), q.to(**kw),
+                   torch.full((n,), amplitude, **kw))
+
+    @property
+    def scales_A(self) -> torch.Tensor:
+        return self.log_scales_A.exp()
+
+    @property
+    def amplitudes(self) -> torch.Tensor:
+        return F.softplus(self.raw_amplitudes)
+
+    def covariances(self) -> torch.Tensor:
+        """``R S S^T R^T``: `(M, 3, 3)` in Å²."""
+        return covariance_from_scales(self.scales_A, self.quaternions)
+
+    def render_rfft(self, rotations: torch.Tensor, box_size: int, pixel_size_A: float,
+                    **kwargs) -> torch.Tensor:
+        """:func:`render_rfft` of this mixture for RELION matrices `(B, 3, 3)`."""
+        return render_rfft(self.means_A, self.covariances(), self.amplitudes, rotations,
+                           box_size, pixel_size_A, **kwargs)
+
+    def voxelise(self, box_size: int, voxel_size_A: float, **kwargs) -> torch.Tensor:
+        """The mixture sampled on a `(D, D, D)` grid ([z, y, x], density per Å³)."""
+        return voxelise(self.means_A, self.covariances(), self.amplitudes, box_size,
+                        voxel_size_A, **kwargs)
+
+
+def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    return x + torch.log(-torch.expm1(-x))
+
+
+def covariance_from_scales(scales_A: torch.Tensor, quaternions: torch.Tensor) -> torch.Tensor:
+    """``Sigma = R S S^T R^T`` from `(M, 3)` scales and `(M, 4)` quaternions: `(M, 3, 3)`."""
+    r = quaternion_to_matrix(quaternions)
+    rs = r * scales_A[..., None, :]
+    return rs @ rs.transpose(-1, -2)
+
+
+def project_gaussians(means_A: torch.Tensor, covariances_A2: torch.Tensor,
+                      rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2D marginals after rotating by RELION's ``A``.
+
+    Parameters
+    ----------
+    means_A: `(M, 3)`; covariances_A2: `(M, 3, 3)`; rotations: `(B, 3, 3)`.
+
+    Returns
+    -------
+    means `(B, M, 2)` (x, y) in Å and covariances `(B, M, 2, 2)` in Å².
+    """
+    a2 = rotations[:, :2, :]  # (B, 2, 3): the image's x and y rows
+    mean2d = torch.einsum("bij,mj->bmi", a2, means_A)
+    cov2d = torch.einsum("bij,mjk,blk->bmil", a2, covariances_A2, a2)
+    return mean2d, cov2d
+
+
+# ---------------------------------------------------------------------------------------
+# Rendering
+# ---------------------------------------------------------------------------------------
+
+
+def render_rfft(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
+                rotations: torch.Tensor, box_size: int, pixel_size_A: float,
+                backend: str = "patch", blur_A: float = 0.0, n_sigma: float = 4.0,
+                k_max_per_A: float | None = None) -> torch.Tensor:
+    """Project a mixture for a batch of views: ``rfft2`` of the images, `(B, D, D//2+1)`.
+
+    Parameters
+    ----------
+    means_A `(M, 3)`, covariances_A2 `(M, 3, 3)`, amplitudes `(M,)`: the mixture.
+    rotations: `(B, 3, 3)` RELION matrices.
+    backend: ``"patch"`` (real-space windows) or ``"fourier"`` (analytic transform).
+    blur_A: isotropic blur (standard deviation, Å) added to every 2D covariance.
+    n_sigma: the patch backend's window half-width in standard deviations.
+    k_max_per_A: the Fourier backend's band limit (1/Å); None for the whole grid.
+    """
+    mean2d, cov2d = project_gaussians(means_A, covariances_A2, rotations)
+    if blur_A > 0:
+        cov2d = cov2d + blur_A**2 * torch.eye(2, dtype=cov2d.dtype, device=cov2d.device)
+    amp = amplitudes.expand(mean2d.shape[:2])
+    if backend == "patch":
+        image = splat_patches(mean2d, cov2d, amp, box_size, pixel_size_A, n_sigma)
+        return torch.fft.rfft2(image)
+    if backend == "fourier":
+        return splat_fourier(mean2d, cov2d, amp, box_size, pixel_size_A, k_max_per_A)
+    raise ValueError(f"unknown renderer backend {backend!r}; expected 'patch' or 'fourier'")
+
+
+def render_images(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
+                  rotations: torch.Tensor, box_size: int, pixel_size_A: float,
+                  **kwargs) -> torch.Tensor:
+    """:func:`render_rfft` back in real space: `(B, D, D)`."""
+    f = render_rfft(means_A, covariances_A2, amplitudes, rotations, box_size, pixel_size_A, **kwargs)
+    return torch.fft.irfft2(f, s=(box_size, box_size))
+
+
+def splat_fourier(mean2d: torch.Tensor, cov2d: torch.Tensor, amplitudes: torch.Tensor,
+                  box_size: int, pixel_size_A: float, k_max_per_A: float | None = None,
+                  chunk: int = 256) -> torch.Tensor:
+    """Analytic transform of 2D Gaussians on the rfft grid of the image array.
+
+    ``F(k) = sum_m a_m exp(-2 pi i k.(mu_m + c)) exp(-2 pi^2 k^T Sigma_m k) / pixel_size^2``,
+    with ``c = (D//2) * pixel_size`` putting the image centre at pixel D//2. Frequencies above
+    ``k_max_per_A`` are zero. Shapes: `(B, M, 2)`, `(B, M, 2, 2)`, `(B, M)` -> `(B, D, D//2+1)`.
+    """
+    d = box_size
+    k = rfft_frequencies_2d(d, pixel_size_A, device=mean2d.device, dtype=mean2d.dtype)
+    ky, kx = k[..., 0].flatten(), k[..., 1].flatten()  # (K,)
+    keep = torch.ones_like(kx, dtype=torch.bool)
+    if k_max_per_A is not None:
+        keep = kx**2 + ky**2 <= k_max_per_A**2
+    kx, ky = kx[keep], ky[keep]
+    centre = (d // 2) * pixel_size_A
+    out_re = torch.zeros(mean2d.shape[0], kx.numel(), dtype=mean2d.dtype, device=mean2d.device)
+    out_im = torch.zeros_like(out_re)
+
+    def chunk_sum(mu, cov, amp):
+        phase = -2 * math.pi * ((mu[..., 0:1] + centre) * kx + (mu[..., 1:2] + centre) * ky)
+        quad = cov[..., 0, 0, None] * kx**2 + 2 * cov[..., 0, 1, None] * kx * ky \
+            + cov[..., 1, 1, None] * ky**2
+        mag = amp[..., None] * torch.exp(-2 * math.pi**2 * quad)  # (B, m, K)
+        return (mag * torch.cos(phase)).sum(1), (mag * torch.sin(phase)).sum(1)
+
+    for s in range(0, mean2d.shape[1], chunk):
+        sl = slice(s, s + chunk)
+        args = (mean2d[:, sl], cov2d[:, sl], amplitudes[:, sl])
+        if torch.is_grad_enabled() and any(a.requires_grad for a in args):
+            re, im = torch.utils.checkpoint.checkpoint(chunk_sum, *args, use_reentrant=False)
+        else:
+            re, im = chunk_sum(*args)
+        out_re = out_re + re
+        out_im = out_im + im
+    values = torch.complex(out_re, out_im)
+    full = torch.zeros(mean2d.shape[0], d * (d // 2 + 1), dtype=values.dtype, device=values.device)
+    full = full.index_copy(1, keep.nonzero()[:, 0], values)
+    return full.reshape(-1, d, d // 2 + 1) / pixel_size_A**2
+
+
+def splat_patches(mean2d: torch.Tensor, cov2d: torch.Tensor, amplitudes: torch.Tensor,
+                  box_size: int, pixel_size_A: float, n_sigma: float = 4.0) -> torch.Tensor:
+    """Real-space splatting of 2D Gaussians on FFT-aligned pixels: `(B, D, D)` images.
+
+    Pixel (iy, ix) is at ((ix - D//2) p, (iy - D//2) p). Each Gaussian is evaluated on the
+    window of pixels within ``n_sigma`` standard deviations (of its widest axis, over the
+    batch) around the pixel nearest its centre.
+
+    Shapes: means `(B, M, 2)` Å, covariances `(B, M, 2, 2)` Å², amplitudes `(B, M)`.
+    """
+    return _PatchSplat.apply(mean2d, cov2d, amplitudes, box_size, pixel_size_A, n_sigma)
+
+
+def _window_groups(cov2d: torch.Tensor, pixel_size_A: float, n_sigma: float,
+                   box_size: int) -> list[tuple[int, torch.Tensor]]:
+    """Gaussians grouped by window half-width in pixels: [(h, indices)].
+
+    ``h >= n_sigma x (widest standard deviation over the batch) / pixel``, rounded up to the
+    next of 1, 2, 3, 4, 6, 8, 12, 16, ... (steps of about sqrt 2), at most D.
+    """
+    widest = torch.linalg.eigvalsh(cov2d.detach()).amax(-1).amax(0).clamp_min(0).sqrt()  # (M,)
+    return _group_by_window(torch.ceil(n_sigma * widest / pixel_size_A), box_size)
+
+
+def _group_by_window(need_px: torch.Tensor, box_size: int) -> list[tuple[int, torch.Tensor]]:
+    level = torch.ceil(2 * torch.log2(need_px.clamp_min(1)) - 1e-9).long()  # half-octaves
+    groups = []
+    for lv in torch.unique(level).tolist():
+        h = min(2 ** (lv // 2) * (3 if lv % 2 else 2) // 2, box_size)
+        groups.append((h, torch.nonzero(level == lv)[:, 0]))
+    return groups
+
+
+def _window_terms(mean2d, cov2d, h: int, box_size: int, pad: int, pixel_size_A: float):
+    """Canvas indices, offsets and Gaussian values on `(2h+1)^2` windows.
+
+    The canvas is the image with ``pad >= 2h`` pixels added on every side, so every window
+    pixel lands on it and nothing needs masking; a Gaussian whose window misses the image is
+    moved to the canvas edge and given weight 0 (``touches``).
+
+    Returns
+    -------
+    flat `(B, m, w, w)` indices into the flattened `(B, D + 2 pad, D + 2 pad)` canvas;
+    ``dx`` `(B, m, 1, w)` and ``dy`` `(B, m, w, 1)`: pixel minus centre, Å; precision entries
+    ``p00, p01, p11`` `(B, m, 1, 1)`; ``value`` `(B, m, w, w)`: ``touches x N(x; mu, Sigma)``.
+    """
+    d, c = box_size, box_size + 2 * pad
+    b = mean2d.shape[0]
+    off = torch.arange(-h, h + 1, device=mean2d.device)
+    centre = torch.round(mean2d / pixel_size_A).long() + d // 2  # (B, m, 2) nearest pixel
+    touches = ((centre >= -h) & (centre < d + h)).all(-1)
+    centre = centre.clamp(-h, d - 1 + h)
+    ix = (centre[..., 0, None] + off)[..., None, :]  # (B, m, 1, w): window columns
+    iy = (centre[..., 1, None] + off)[..., :, None]  # (B, m, w, 1): window rows
+    dx = (ix - d // 2).to(mean2d.dtype) * pixel_size_A - mean2d[..., 0, None, None]
+    dy = (iy - d // 2).to(mean2d.dtype) * pixel_size_A - mean2d[..., 1, None, None]
+    batch = torch.arange(b, device=mean2d.device)[:, None, None, None]
+    flat = (batch * c + iy + pad) * c + (ix + pad)
+    c00, c01, c11 = cov2d[..., 0, 0], cov2d[..., 0, 1], cov2d[..., 1, 1]
+    det = c00 * c11 - c01 * c01
+    p00, p01, p11 = ((x / det)[..., None, None] for x in (c11, -c01, c00))
+    quad = (p00 * dx * dx) + (p11 * dy * dy) + (2 * p01 * dx) * dy  # (B, m, w, w)
+    norm = touches / (2 * math.pi * det.sqrt())
+    value = torch.exp(-0.5 * quad) * norm[..., None, None]
+    return flat, dx, dy, (p00, p01, p11), value
+
+
+def _chunks(groups, b: int, budget: int = 1 << 22):
+    """Split each window group so that B x m x W stays under ``budget`` elements."""
+    for h, members in groups:
+        w = (2 * h + 1) ** 2
+        step = max(1, budget // (b * w))
+        for s in range(0, len(members), step):
+            yield h, members[s:s + step]
+
+
+class _PatchSplat(torch.autograd.Function):
+    """Windowed splatting with a recomputing backward pass (memory O(B x D^2 + chunk))."""
+
+    @staticmethod
+    def forward(ctx, mean2d, cov2d, amplitudes, box_size, pixel_size_A, n_sigma):
+        b, d = mean2d.shape[0], box_size
+        groups = _window_groups(cov2d, pixel_size_A, n_sigma, d)
+        pad = 2 * max(h for h, _ in groups)
+        c = d + 2 * pad
+        canvas = torch.zeros(b * c * c, dtype=mean2d.dtype, device=mean2d.device)
+        for h, members in _chunks(groups, b):
+            flat, _, _, _, value = _window_terms(mean2d[:, members], cov2d[:, members], h, d, pad,
+                                                 pixel_size_A)
+            canvas.index_add_(0, flat.flatten(),
+                              (amplitudes[:, members, None, None] * value).flatten())
+        ctx.save_for_backward(mean2d, cov2d, amplitudes)
+        ctx.groups, ctx.box_size, ctx.pad, ctx.pixel_size_A = groups, box_size, pad, pixel_size_A
+        return canvas.reshape(b, c, c)[:, pad:pad + d, pad:pad + d]
+
+    @staticmethod
+    def backward(ctx, grad_image):
+        mean2d, cov2d, amplitudes = ctx.saved_tensors
+        d, pad, pix = ctx.box_size, ctx.pad, ctx.pixel_size_A
+        g_canvas = F.pad(grad_image, (pad, pad, pad, pad)).reshape(-1)  # 0 off the image
+        g_mean = torch.zeros_like(mean2d)
+        g_cov = torch.zeros_like(cov2d)
+        g_amp = torch.zeros(amplitudes.shape, dtype=amplitudes.dtype, device=amplitudes.device)
+        for h, members in _chunks(ctx.groups, mean2d.shape[0]):
+            flat, dx, dy, (p00, p01, p11), value = _window_terms(
+                mean2d[:, members], cov2d[:, members], h, d, pad, pix)
+            gv = g_canvas[flat] * value  # dL/dpixel x N, (B, m, w, w)
+            amp = amplitudes[:, members]
+            # d N / d mu = N P delta ; d N / d Sigma = N (P delta delta^T P - P) / 2
+            u = p00 * dx + p01 * dy  # (P delta)_x, (B, m, w, w)
+            v = p01 * dx + p11 * dy
+            gvu, gvv = gv * u, gv * v
+            s0 = gv.sum((-2, -1))
+            g_amp[:, members] = s0
+            g_mean[:, members] = amp[..., None] * torch.stack([gvu.sum((-2, -1)),
+                                                               gvv.sum((-2, -1))], -1)
+            suu, suv, svv = ((gvu * u).sum((-2, -1)), (gvu * v).sum((-2, -1)),
+                             (gvv * v).sum((-2, -1)))
+            half_amp = 0.5 * amp
+            gc00 = half_amp * (suu - s0 * p00[..., 0, 0])
+            gc01 = half_amp * (suv - s0 * p01[..., 0, 0])
+            gc11 = half_amp * (svv - s0 * p11[..., 0, 0])
+            g_cov[:, members] = torch.stack([torch.stack([gc00, gc01], -1),
+                                             torch.stack([gc01, gc11], -1)], -2)
+        return g_mean, g_cov, g_amp, None, None, None
+
+
+# ---------------------------------------------------------------------------------------
+# Voxelising
+# ---------------------------------------------------------------------------------------
 
 
 def voxelise(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
@@ -20,6 +364,7 @@ def voxelise(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: to
 
     Each Gaussian is evaluated only on the cube of voxels within ``n_sigma`` of its widest
     axis around its centre, so the cost grows with Gaussians x window, not with the grid.
+    Windows are grouped by size as in the patch renderer.
 
     Parameters
     ----------
@@ -37,23 +382,25 @@ def voxelise(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: to
     vol = torch.zeros(d * d * d, device=device, dtype=dtype)
     if means_A.shape[0] == 0:
         return vol.reshape(d, d, d)
-    widest = torch.linalg.eigvalsh(covariances_A2).amax(-1).clamp_min(0).sqrt().max()
-    half = int(math.ceil(n_sigma * float(widest) / voxel_size_A))
-    offsets = torch.arange(-half, half + 1, device=device)
-    oz, oy, ox = torch.meshgrid(offsets, offsets, offsets, indexing="ij")
-    window = torch.stack([ox, oy, oz], -1).reshape(-1, 3)  # (W, 3) voxel offsets, xyz
+    widest = torch.linalg.eigvalsh(covariances_A2.detach()).amax(-1).clamp_min(0).sqrt()
     precision = torch.linalg.inv(covariances_A2)
     norm = amplitudes / torch.sqrt((2 * math.pi) ** 3 * torch.linalg.det(covariances_A2))
-    for s in range(0, means_A.shape[0], chunk):
-        mu, prec, nrm = means_A[s:s + chunk], precision[s:s + chunk], norm[s:s + chunk]
-        centre = torch.round(mu / voxel_size_A).long() + d // 2  # nearest voxel, xyz index
-        idx = centre[:, None, :] + window[None]  # (m, W, 3)
-        delta = (idx - d // 2).to(dtype) * voxel_size_A - mu[:, None, :]
-        quad = torch.einsum("mwi,mij,mwj->mw", delta, prec, delta)
-        vals = nrm[:, None] * torch.exp(-0.5 * quad)
-        inside = ((idx >= 0) & (idx < d)).all(-1)
-        flat = (idx[..., 2] * d + idx[..., 1]) * d + idx[..., 0]
-        vol.index_add_(0, flat[inside], vals[inside])
+    for half, members in _group_by_window(torch.ceil(n_sigma * widest / voxel_size_A), d):
+        offsets = torch.arange(-half, half + 1, device=device)
+        oz, oy, ox = torch.meshgrid(offsets, offsets, offsets, indexing="ij")
+        window = torch.stack([ox, oy, oz], -1).reshape(-1, 3)  # (W, 3) voxel offsets, xyz
+        step = max(1, min(chunk, (1 << 24) // window.shape[0]))
+        for s in range(0, len(members), step):
+            sel = members[s:s + step]
+            mu, prec, nrm = means_A[sel], precision[sel], norm[sel]
+            centre = torch.round(mu / voxel_size_A).long() + d // 2  # nearest voxel, xyz index
+            idx = centre[:, None, :] + window[None]  # (m, W, 3)
+            delta = (idx - d // 2).to(dtype) * voxel_size_A - mu[:, None, :]
+            quad = torch.einsum("mwi,mij,mwj->mw", delta, prec, delta)
+            vals = nrm[:, None] * torch.exp(-0.5 * quad)
+            inside = ((idx >= 0) & (idx < d)).all(-1)
+            flat = (idx[..., 2] * d + idx[..., 1]) * d + idx[..., 0]
+            vol = vol.index_add(0, flat[inside], vals[inside])
     return vol.reshape(d, d, d)
 
 

@@ -36,7 +36,7 @@ class Insertion:
 
 
 def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int = 2,
-                     batch_size: int = 256, device: str | torch.device = "cpu",
+                     batch_size: int = 64, device: str | torch.device = "cpu",
                      progress=None) -> Insertion:
     """Insert particles ``indices`` (poses, shifts, CTF from ``particles``)."""
     from torch_fourier_slice import insert_central_slices_rfft_3d
@@ -55,9 +55,10 @@ def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int 
         pix = particles.pixel_size_A[t].to(device)
         images = particles.read_images(idx).to(device)
         images = F.pad(images, [pad, p - d - pad] * 2)
-        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)).double())
-        f = geometry.translate_rfft(f, particles.shifts_A[t].to(device), pix, p)  # undo -origin
-        c = ctf_rfft(ctf[t].to(device), p, pix)
+        f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))
+        shifts = particles.shifts_A[t].float().to(device)
+        f = geometry.translate_rfft(f, shifts, pix.float(), p)  # undo the -origin shift
+        c = ctf_rfft(ctf[t].to(device), p, pix).float()
         slices_num = torch.fft.fftshift((c * f).to(torch.complex64), dim=-2)
         slices_den = torch.fft.fftshift((c * c).to(torch.complex64), dim=-2)
         m = geometry.fourier_slice_matrices(rotations[t]).float().to(device)
@@ -129,7 +130,7 @@ class Backprojection:
     fsc: torch.Tensor
 
 
-def backproject(particles: Particles, half_set: np.ndarray, batch_size: int = 256,
+def backproject(particles: Particles, half_set: np.ndarray, batch_size: int = 64,
                 device: str | torch.device = "cpu", progress=None) -> Backprojection:
     """Direct Fourier inversion of the two half-sets separately and together."""
     i1, i2 = np.nonzero(half_set == 1)[0], np.nonzero(half_set == 2)[0]

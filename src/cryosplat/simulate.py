@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from cryosplat import geometry
-from cryosplat.ctf import CTFParams, ctf_rfft
+from cryosplat.ctf import CTFParams, modulate
 from cryosplat.errors import InputError
 from cryosplat.gmm import voxelise
 
@@ -149,9 +149,7 @@ def forward_images(projections: torch.Tensor, origin_A: torch.Tensor, ctf: CTFPa
                    pixel_size_A: float) -> torch.Tensor:
     """CTF(k) x shift(projection, -origin): the noiseless particle images, `(B, D, D)`."""
     d = projections.shape[-1]
-    f = torch.fft.rfft2(projections.double())
-    f = geometry.translate_rfft(f, geometry.origin_to_translation_A(origin_A), pixel_size_A, d)
-    f = f * ctf_rfft(ctf, d, pixel_size_A)
+    f = modulate(torch.fft.rfft2(projections.double()), origin_A.double(), ctf, pixel_size_A)
     return torch.fft.irfft2(f, s=(d, d)).float()
 
 

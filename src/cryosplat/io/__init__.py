@@ -6,6 +6,7 @@ pkls into one :class:`Particles` description.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from cryosplat.errors import InputError
@@ -22,11 +23,11 @@ __all__ = ["InputError", "OpticsGroup", "Particles", "read_particles", "read_vol
 def read_particles(path: str | Path, datadir: str | Path | None = None,
                    poses: str | Path | None = None, ctf: str | Path | None = None,
                    pixel_size_A: float | None = None, box_size: int | None = None,
-                   max_particles: int | None = None) -> Particles:
+                   max_particles: int | None = None, invert: bool = False) -> Particles:
     """Read particles from ``.star``, ``.cs`` or ``.mrcs`` (+ cryoDRGN ``poses``/``ctf`` pkls).
 
     ``box_size`` Fourier-crops the images on read (pixel size updated); ``max_particles``
-    keeps the first N.
+    keeps the first N; ``invert`` negates the images on read (dark particles).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -42,6 +43,8 @@ def read_particles(path: str | Path, datadir: str | Path | None = None,
     if (poses is not None or ctf is not None) and suffix not in (".mrcs", ".mrc"):
         raise InputError(path, "--poses/--ctf pkls go with an .mrcs stack, not a "
                                f"{suffix} file, which carries its own")
+    if invert:
+        particles = replace(particles, invert=True)
     if max_particles is not None:
         if max_particles < 1:
             raise InputError(None, f"--max-particles {max_particles}: expected a positive count")

@@ -176,19 +176,40 @@ def fourier_crop(images: torch.Tensor, box_size: int) -> torch.Tensor:
 
 def write_stack(path: str | Path, batches: Iterable[np.ndarray], n: int, box_size: int,
                 pixel_size_A: float) -> None:
-    """Stream `(b, D, D)` batches into a float32 MRCS file of ``n`` images, atomically."""
+    """Stream `(b, D, D)` batches into a float32 MRCS file of ``n`` images, atomically.
+
+    The data are appended with plain writes (not a memory map), so the process's memory holds
+    one batch whatever ``n``; the header statistics are accumulated batch by batch.
+    """
     with atomic_path(path) as tmp:
-        with mrcfile.new_mmap(tmp, shape=(n, box_size, box_size), mrc_mode=2,
-                              overwrite=True) as m:
+        with mrcfile.new(tmp, overwrite=True) as m:  # header only, for a (n, D, D) stack
+            m.set_data(np.zeros((0, box_size, box_size), dtype=np.float32))
             m.set_image_stack()
-            start = 0
-            for batch in batches:
-                m.data[start:start + len(batch)] = batch
-                start += len(batch)
-            if start != n:
-                raise RuntimeError(f"{path}: wrote {start} images, expected {n}")
             m.voxel_size = pixel_size_A
-            m.update_header_stats()
+            header = m.header.copy()
+        header.nz = header.mz = n
+        header.cella.z = n * pixel_size_A
+        count, lo, hi, total, total_sq = 0, np.inf, -np.inf, 0.0, 0.0
+        with open(tmp, "r+b") as f:
+            f.seek(header.nbytes + int(header.nsymbt))
+            for batch in batches:
+                b = np.ascontiguousarray(batch, dtype="<f4")
+                if b.shape[1:] != (box_size, box_size) or count + len(b) > n:
+                    raise RuntimeError(f"{path}: batch of shape {b.shape} does not fit a stack of "
+                                       f"{n} images of {box_size} x {box_size}")
+                f.write(b.tobytes())
+                count += len(b)
+                lo, hi = min(lo, float(b.min())), max(hi, float(b.max()))
+                total += float(b.sum(dtype=np.float64))
+                total_sq += float(np.square(b, dtype=np.float64).sum())
+            if count != n:
+                raise RuntimeError(f"{path}: wrote {count} images, expected {n}")
+            size = n * box_size * box_size
+            mean = total / size
+            header.dmin, header.dmax, header.dmean = lo, hi, mean
+            header.rms = np.sqrt(max(total_sq / size - mean * mean, 0.0))
+            f.seek(0)
+            f.write(header.tobytes())
 
 
 def write_volume(path: str | Path, volume: np.ndarray | torch.Tensor, voxel_size_A: float,

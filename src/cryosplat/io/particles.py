@@ -40,6 +40,8 @@ class Particles:
     * ``pixel_size_A`` `(N,)`: pixel size of the images as read (after any downsampling).
     * ``optics_group`` `(N,)`: 1-based optics group number, indexing ``optics``.
     * ``half_set`` `(N,)`: 1 or 2 from the file, 0 where the file defines no half-sets.
+    * ``invert``: images are negated on read, for stacks with dark particles (cryoDRGN's and
+      some cryoSPARC exports). The default follows RELION: the molecule is bright.
     """
 
     source: str
@@ -52,6 +54,7 @@ class Particles:
     optics: list[OpticsGroup]
     half_set: torch.Tensor
     defaults: dict[str, str] = field(default_factory=dict)
+    invert: bool = False
 
     def __len__(self) -> int:
         return len(self.images)
@@ -115,8 +118,9 @@ class Particles:
         return float(self.pixel_size_A[0])
 
     def read_images(self, indices) -> torch.Tensor:
-        """Images of particles ``indices``: `(n, D, D)` float32 tensor."""
-        return torch.from_numpy(self.images.read(np.asarray(indices)))
+        """Images of particles ``indices``: `(n, D, D)` float32 tensor (negated if ``invert``)."""
+        images = torch.from_numpy(self.images.read(np.asarray(indices)))
+        return -images if self.invert else images
 
 
 def check_finite(source: str | Path, name: str, values: np.ndarray) -> np.ndarray:
