@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cryosplat-installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-all clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/cryosplat demo --out demo_out --force
 
+# quick benchmarks (minutes on 2 CPU cores); bench-all adds the long ones (hours on CPU)
 bench: $(STAMP)
 	$(PY) benchmarks/info_star.py
+	$(PY) benchmarks/render.py --boxes 128 --gaussians 2000 10000
+
+bench-all: bench
+	$(PY) benchmarks/render.py
+	$(PY) benchmarks/baseline.py
+	$(PY) benchmarks/reconstruct.py
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

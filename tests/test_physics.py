@@ -179,3 +179,34 @@ def test_invert_negates_the_reconstruction(tmp_path):
         m = backproject(p, p.half_set.numpy()).map
         cc[inv] = float(torch.corrcoef(torch.stack([m.flatten(), truth.flatten()]))[0, 1])
     assert cc[False] > 0.8 and cc[True] < -0.8
+
+
+def test_fsc_cli_with_a_mask_and_a_bad_mask(tmp_path, small_truth):
+    from cryosplat.io import write_volume
+
+    g = torch.Generator().manual_seed(3)
+    a = small_truth + 0.1 * small_truth.std() * torch.randn(small_truth.shape, generator=g,
+                                                            dtype=torch.float64)
+    write_volume(tmp_path / "a.mrc", a, 3.0)
+    write_volume(tmp_path / "t.mrc", small_truth, 3.0)
+    write_volume(tmp_path / "m.mrc", spherical_mask(32, 3.0), 3.0)
+    write_volume(tmp_path / "bad.mrc", 2 * spherical_mask(32, 3.0), 3.0)
+    write_volume(tmp_path / "small.mrc", spherical_mask(24, 3.0), 3.0)
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cryosplat", *map(str, args)],
+                              capture_output=True, text=True)
+
+    r = run("fsc", tmp_path / "a.mrc", "--truth", tmp_path / "t.mrc", "--mask", tmp_path / "m.mrc",
+            "--json", "--out", tmp_path / "f")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert set(s["fsc"]) == {"unmasked", "spherical mask", "mask", "corrected"}
+    # a user mask equal to the spherical one gives the spherical curve
+    np.testing.assert_allclose(s["fsc"]["mask"], s["fsc"]["spherical mask"], atol=1e-6)
+    assert (tmp_path / "f" / "fsc.png").stat().st_size > 0
+    r = run("fsc", tmp_path / "a.mrc", "--truth", tmp_path / "t.mrc", "--mask", tmp_path / "bad.mrc")
+    assert r.returncode == 2 and "bad.mrc" in r.stderr and "expected [0, 1]" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run("fsc", tmp_path / "a.mrc", tmp_path / "small.mrc")
+    assert r.returncode == 2 and "small.mrc" in r.stderr and "expected 32 voxels" in r.stderr

@@ -31,6 +31,8 @@ MaxParticlesOpt = typer.Option(None, "--max-particles", help="Keep the first N p
 ForceOpt = typer.Option(False, "--force", help="Write into a non-empty --out")
 InvertOpt = typer.Option(False, "--invert", help="Negate the images: for stacks where the "
                                                  "molecule is dark (cryoDRGN-style contrast)")
+TruthOpt = typer.Option(None, "--truth", help="Ground-truth map (simulations): also the FSC of "
+                                              "the map against it")
 MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
                                             "corrected FSC, instead of the soft auto-mask")
 
@@ -280,7 +282,7 @@ def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None,
 def backproject(
     particles: Path = typer.Argument(..., help="Particles: .star, .cs, or .mrcs with --poses/--ctf"),
     out: Path = typer.Option(..., "--out", help="Output folder"),
-    truth: Optional[Path] = typer.Option(None, "--truth", help="Ground-truth map for an FSC"),
+    truth: Optional[Path] = TruthOpt,
     mask: Optional[Path] = MaskOpt,
     box: Optional[int] = BoxOpt,
     max_particles: Optional[int] = MaxParticlesOpt,
@@ -339,16 +341,179 @@ def fsc(
         print_resolutions(res)
 
 
+def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], mask: Optional[Path],
+                       config: dict, resume: Optional[dict] = None) -> dict:
+    """Train the two half-set mixtures and write every output into ``out``."""
+    import time
+    from dataclasses import asdict
+
+    from cryosplat.evaluate import write_fsc
+    from cryosplat.io import write_volume
+    from cryosplat.io.gaussians import write_pdb, write_ply
+    from cryosplat.io.mrc import atomic_path
+    from cryosplat.reconstruct import (assign_half_sets, model_images, resolve_device,
+                                       train_gold_standard)
+    from cryosplat.report import plot_montage, plot_training, write_report
+
+    dev = resolve_device(device)
+    pix = p.require_single_pixel_size()
+    half = assign_half_sets(p, cfg.seed)
+    gt = None if truth is None else read_map_like(truth, p.box_size, pix, "ground truth")
+    log_file = open(out / "log.txt", "a", encoding="utf-8")
+
+    def log(msg: str) -> None:
+        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        log_file.flush()
+
+    log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
+        f"config {json.dumps(asdict(cfg))}")
+    t_start = time.perf_counter()
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
+        halves = [int((half == h).sum()) for h in (1, 2)]
+        spe = max(max(1, n // cfg.batch_size) for n in halves)
+        total_images = 2 * cfg.batch_size * max(1, int(round(cfg.epochs * spe)))
+        done0 = 0 if resume is None else 2 * cfg.batch_size * int(resume["halves"][0]["step"])
+        task = bar.add_task("training", total=total_images, completed=done0, info="")
+        t0 = time.perf_counter()
+        count = [0]
+
+        def progress(n, losses):
+            count[0] += n
+            rate = count[0] / max(time.perf_counter() - t0, 1e-9)
+            bar.update(task, advance=n, info=f"{rate:.0f} particles/s, loss {losses[0]:.4g} / "
+                                             f"{losses[1]:.4g}")
+
+        trainers, history, trace = train_gold_standard(
+            p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume, truth=gt,
+            progress=progress, log=log, config=config)
+    train_time = history[-1]["time_s"]
+    v1, v2 = trainers[0].volume(), trainers[1].volume()
+    full = (v1 + v2) / 2
+    for name, vol in (("map", full), ("half_map_1", v1), ("half_map_2", v2)):
+        if not torch.isfinite(vol).all():
+            raise RuntimeError(f"output stage: NaN/Inf in {name}")
+        write_volume(out / f"{name}.mrc", vol, pix)
+    for i, t in enumerate(trainers, 1):
+        model = t.model.cpu()
+        write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)
+        write_pdb(out / f"gaussians_half_{i}.pdb", model, p.box_size, pix)
+        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+        t.model.to(dev)
+    curves, res = fsc_report(v1, v2, full, pix, truth, mask)
+    write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix,
+              f"Gaussian mixture, {cfg.n_gaussians} per half-set")
+    plot_training(out / "loss.png", trace, history)
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
+    with torch.no_grad():
+        renders = []
+        for i in idx:
+            tr = trainers[int(half[i]) - 1]
+            renders.append(model_images(tr.model, p.rotations[i:i + 1].float().to(dev),
+                                        p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
+                                        p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu())
+    plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
+    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+               "device": str(dev), "steps": trainers[0].step, "train_time_s": train_time,
+               "wall_time_s": time.perf_counter() - t_start,
+               "half_map_resolution_A": res["half-maps, unmasked"]["0.143"],
+               "half_map_resolution_A_corrected": res["half-maps, corrected"]["0.143"],
+               "resolutions_A": res, "history": history}
+    if truth is not None:
+        summary["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
+        summary["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    summary["report"] = str(write_report(out, summary, config))
+    log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å; report {summary['report']}")
+    log_file.close()
+    return summary
+
+
+@app.command()
+def reconstruct(
+    particles: Optional[Path] = typer.Argument(None, help="Particles: .star, .cs, or .mrcs with "
+                                                          "--poses/--ctf (not with --resume)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder"),
+    gaussians: int = typer.Option(2000, "--gaussians", help="Gaussians per half-set"),
+    epochs: float = typer.Option(4.0, "--epochs", help="Passes over each half-set"),
+    batch: int = typer.Option(32, "--batch", help="Particles per step and half-set"),
+    lr: float = typer.Option(0.5, "--lr-means", help="Adam step of the means, pixels"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
+    seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and half-set split"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints"),
+    truth: Optional[Path] = TruthOpt,
+    mask: Optional[Path] = MaskOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
+    box: Optional[int] = BoxOpt,
+    max_particles: Optional[int] = MaxParticlesOpt,
+    datadir: Optional[Path] = DatadirOpt,
+    poses: Optional[Path] = PosesOpt,
+    ctf: Optional[Path] = CtfOpt,
+    pixel_size: Optional[float] = PixelOpt,
+    invert: bool = InvertOpt,
+    force: bool = ForceOpt,
+):
+    """Gold-standard Gaussian-mixture reconstruction from random initialisation."""
+    from dataclasses import asdict
+
+    from cryosplat.io import read_particles
+    from cryosplat.reconstruct import TrainConfig, load_checkpoint
+
+    state = None
+    if resume is not None:
+        if particles is not None:
+            raise InputError(None, "--resume DIR continues with the particles and settings saved "
+                                   "in DIR/config.json; give no PARTICLES")
+        for f in ("config.json", "checkpoint.pt"):
+            if not (resume / f).is_file():
+                raise InputError(resume / f, "missing: not a cryosplat reconstruct folder, or the"
+                                             " run stopped before its first checkpoint")
+        config = json.loads((resume / "config.json").read_text())
+        state = load_checkpoint(resume / "checkpoint.pt")
+        out = resume
+    else:
+        if particles is None or out is None:
+            raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
+        cfg = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs, lr_means_px=lr,
+                          checkpoint_every=checkpoint_every, seed=seed)
+        config = {"particles": str(particles.resolve()), "datadir": datadir and str(datadir),
+                  "poses": poses and str(poses), "ctf": ctf and str(ctf), "pixel_size": pixel_size,
+                  "box": box, "max_particles": max_particles, "invert": invert,
+                  "truth": truth and str(truth.resolve()), "mask": mask and str(mask.resolve()),
+                  "device": device, "train": asdict(cfg)}
+    cfg = TrainConfig(**config["train"])
+    p = read_particles(config["particles"], datadir=config["datadir"], poses=config["poses"],
+                       ctf=config["ctf"], pixel_size_A=config["pixel_size"], box_size=config["box"],
+                       max_particles=config["max_particles"], invert=config["invert"])
+    p.require_poses(), p.require_ctf(), p.images.check()
+    if state is None:
+        prepare_out_dir(out, force)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    t = config["truth"]
+    m = config["mask"]
+    s = run_reconstruction(p, out, cfg, config["device"], t and Path(t), m and Path(m), config,
+                           state)
+    print_resolutions(s["resolutions_A"])
+    console.print(f"report: {s['report']}")
+
+
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder"),
     particles: int = typer.Option(2000, "--particles"),
+    gaussians: int = typer.Option(1000, "--gaussians", help="Gaussians per half-set"),
+    epochs: float = typer.Option(5.0, "--epochs"),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo"),
 ):
-    """Simulate a small dataset from the built-in model and reconstruct it."""
+    """Simulate a small dataset from the built-in model, reconstruct it with Gaussians and with
+    the direct-Fourier-inversion baseline, and compare both with the ground truth."""
     import time
+    from dataclasses import asdict
 
     from cryosplat.io import read_particles
+    from cryosplat.reconstruct import TrainConfig
     from cryosplat.simulate import SimulationConfig, simulate_dataset
 
     prepare_out_dir(out, force)
@@ -362,20 +527,31 @@ def demo(
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=particles)
         sim = simulate_dataset(None, data, cfg, progress=lambda k: bar.advance(task, k))
-    console.print("[bold]2. backproject[/bold] (direct Fourier inversion; the Gaussian "
-                  "reconstruction is not built yet)")
-    rec = out / "backprojection"
-    rec.mkdir(exist_ok=True)
+    truth = Path(sim["ground_truth"])
     p = read_particles(sim["particles"])
-    s = run_backprojection(p, rec, 0, Path(sim["ground_truth"]))
-    (rec / "summary.json").write_text(json.dumps(s, indent=2))
-    print_resolutions(s["resolutions_A"])
-    console.print(f"half-map FSC resolution (0.143): [bold]{s['half_map_resolution_A']:.2f} Å[/bold]")
-    console.print(f"map vs ground truth: {s['truth_resolution_A_0.143']:.2f} Å (0.143), "
-                  f"{s['truth_resolution_A_0.5']:.2f} Å (0.5); Nyquist {2 * cfg.pixel_size_A:.2f} Å")
-    console.print(f"outputs: {data} (particles.star, particles.mrcs, ground_truth.mrc), {rec} "
-                  f"(map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png); "
-                  f"{time.perf_counter() - t0:.0f} s")
+    console.print("[bold]2. baseline[/bold]: direct Fourier inversion with the same half-sets")
+    bp_dir = out / "backprojection"
+    bp_dir.mkdir(exist_ok=True)
+    bp = run_backprojection(p, bp_dir, 0, truth)
+    (bp_dir / "summary.json").write_text(json.dumps(bp, indent=2))
+    console.print(f"[bold]3. reconstruct[/bold]: {gaussians} random Gaussians per half-set, "
+                  f"{epochs:g} epochs")
+    rec = out / "reconstruction"
+    rec.mkdir(exist_ok=True)
+    tcfg = TrainConfig(n_gaussians=gaussians, epochs=epochs)
+    config = {"particles": sim["particles"], "datadir": None, "poses": None, "ctf": None,
+              "pixel_size": None, "box": None, "max_particles": None, "invert": False,
+              "truth": str(truth), "mask": None, "device": device, "train": asdict(tcfg)}
+    (rec / "config.json").write_text(json.dumps(config, indent=2))
+    s = run_reconstruction(p, rec, tcfg, device, truth, None, config)
+    table = Table("", "half-maps 0.143 (Å)", "vs truth 0.143 (Å)", "vs truth 0.5 (Å)")
+    for name, r in (("Gaussian mixture", s), ("direct Fourier inversion", bp)):
+        table.add_row(name, f"{r['half_map_resolution_A']:.2f}", f"{r['truth_resolution_A_0.143']:.2f}",
+                      f"{r['truth_resolution_A_0.5']:.2f}")
+    console.print(table)
+    console.print(f"Nyquist {2 * cfg.pixel_size_A:.2f} Å; {time.perf_counter() - t0:.0f} s in all")
+    console.print(f"report: [bold]{s['report']}[/bold]")
+    console.print(f"data: {data}; baseline: {bp_dir}; reconstruction: {rec}")
 
 
 def main() -> None:

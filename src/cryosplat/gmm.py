@@ -54,7 +54,9 @@ class GaussianMixture(torch.nn.Module):
     - ``means_A`` `(M, 3)`: centres (x, y, z) in Å from the box centre.
     - ``log_scales_A`` `(M, 3)`: log of the standard deviations along the principal axes.
     - ``quaternions`` `(M, 4)`: orientation ``(w, x, y, z)``, normalised when used.
-    - ``raw_amplitudes`` `(M,)`: ``amplitudes = softplus(raw_amplitudes)``, integrated masses.
+    - ``raw_amplitudes`` `(M,)`: ``amplitudes = amplitude_unit x softplus(raw_amplitudes)``,
+      integrated masses; ``amplitude_unit`` is a buffer (the given amplitudes' mean at
+      construction) that keeps the trained numbers near 1 whatever the data's scale.
     """
 
     def __init__(self, means_A: torch.Tensor, scales_A: torch.Tensor,
@@ -71,7 +73,9 @@ class GaussianMixture(torch.nn.Module):
         self.means_A = torch.nn.Parameter(means_A.clone())
         self.log_scales_A = torch.nn.Parameter(scales_A.log())
         self.quaternions = torch.nn.Parameter(quaternions.clone())
-        self.raw_amplitudes = torch.nn.Parameter(_softplus_inverse(amplitudes))
+        unit = amplitudes.detach().mean()
+        self.register_buffer("amplitude_unit", unit.clone())
+        self.raw_amplitudes = torch.nn.Parameter(_softplus_inverse(amplitudes / unit))
 
     def __len__(self) -> int:
         return self.means_A.shape[0]
@@ -96,7 +100,14 @@ class GaussianMixture(torch.nn.Module):
 
     @property
     def amplitudes(self) -> torch.Tensor:
-        return F.softplus(self.raw_amplitudes)
+        return self.amplitude_unit * F.softplus(self.raw_amplitudes)
+
+    @torch.no_grad()
+    def scale_amplitudes(self, factor: float) -> None:
+        """Multiply every amplitude by ``factor > 0`` (the parameters stay as they are)."""
+        if not factor > 0:
+            raise ValueError(f"amplitude scale factor must be positive, got {factor}")
+        self.amplitude_unit.mul_(factor)
 
     def covariances(self) -> torch.Tensor:
         """``R S S^T R^T``: `(M, 3, 3)` in Å²."""

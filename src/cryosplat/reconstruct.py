@@ -153,3 +153,222 @@ def assign_half_sets(particles: Particles, seed: int) -> np.ndarray:
     half[perm[: n // 2]] = 1
     half[perm[n // 2:]] = 2
     return half
+
+
+# ---------------------------------------------------------------------------------------
+# Gaussian-mixture reconstruction, gold standard: one mixture per half-set
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a Gaussian reconstruction (written to config.json)."""
+
+    n_gaussians: int = 2000
+    batch_size: int = 32
+    epochs: float = 4.0  # passes over each half-set
+    lr_means_px: float = 0.5  # Adam step of the means, pixels; decays to lr_final_fraction
+    lr_scales: float = 0.02  # log-scales
+    lr_rotations: float = 0.02  # quaternions
+    lr_amplitudes: float = 0.02  # softplus-raw amplitudes
+    lr_final_fraction: float = 0.02
+    init_radius_fraction: float = 0.3  # Gaussians start uniform in a ball of this x box
+    init_scale_px: float = 2.0
+    n_sigma: float = 4.0
+    blur_px: float = 0.0
+    eval_every: int = 50  # steps between FSC evaluations (and log lines)
+    checkpoint_every: int = 50  # steps between checkpoints
+    seed: int = 0
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when there is one)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch finds no CUDA device (torch "
+                           f"{torch.__version__}, built for CUDA {torch.version.cuda})")
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or auto")
+    return torch.device(name)
+
+
+def model_images(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf, box_size: int,
+                 pixel_size_A: float, n_sigma: float = 4.0, blur_A: float = 0.0) -> torch.Tensor:
+    """The mixture's particle images: CTF x shift(projection), real space, `(B, D, D)`."""
+    from cryosplat.ctf import modulate
+
+    f = mixture.render_rfft(rotations, box_size, pixel_size_A, n_sigma=n_sigma, blur_A=blur_A)
+    return torch.fft.irfft2(modulate(f, origin_A, ctf, pixel_size_A), s=(box_size, box_size))
+
+
+class HalfSetTrainer:
+    """A Gaussian mixture fitted to one half-set with Adam; deterministic for its seed.
+
+    The batch order is a permutation per epoch drawn from ``(seed, half, epoch)``, so a run
+    resumed at step ``s`` sees exactly the batches an uninterrupted run would.
+    """
+
+    def __init__(self, particles: Particles, indices: np.ndarray, cfg: TrainConfig, half: int,
+                 total_steps: int, device: torch.device):
+        from cryosplat.gmm import GaussianMixture
+
+        self.p, self.indices, self.cfg, self.half = particles, np.asarray(indices), cfg, half
+        self.device, self.total_steps = device, total_steps
+        self.d = particles.box_size
+        self.pix = particles.require_single_pixel_size()
+        self.rotations = particles.require_poses().float()
+        self.ctf = particles.require_ctf()
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + half)
+        self.model = GaussianMixture.random(cfg.n_gaussians, cfg.init_radius_fraction * self.d
+                                            * self.pix, cfg.init_scale_px * self.pix,
+                                            generator=g).to(device)
+        self.lr_means = cfg.lr_means_px * self.pix
+        self.optimizer = torch.optim.Adam([
+            {"params": [self.model.means_A], "lr": self.lr_means},
+            {"params": [self.model.log_scales_A], "lr": cfg.lr_scales},
+            {"params": [self.model.quaternions], "lr": cfg.lr_rotations},
+            {"params": [self.model.raw_amplitudes], "lr": cfg.lr_amplitudes}])
+        self.base_lrs = [grp["lr"] for grp in self.optimizer.param_groups]
+        self.step = 0
+        self.calibrated = False
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.indices) // self.cfg.batch_size)
+
+    def batch(self, step: int) -> np.ndarray:
+        epoch, j = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.cfg.seed, self.half, epoch]).permutation(len(self.indices))
+        b = self.cfg.batch_size
+        return self.indices[np.sort(perm[j * b:(j + 1) * b])]
+
+    def _images(self, idx: np.ndarray):
+        t = torch.from_numpy(idx)
+        data = self.p.read_images(idx).to(self.device)
+        model = model_images(self.model, self.rotations[t].to(self.device),
+                             self.p.shifts_A[t].float().to(self.device), self.ctf[t].to(self.device),
+                             self.d, self.pix, self.cfg.n_sigma, self.cfg.blur_px * self.pix)
+        return data, model
+
+    @torch.no_grad()
+    def calibrate(self) -> float:
+        """Scale the amplitudes so that the first batch's render best fits its images."""
+        data, model = self._images(self.batch(0))
+        scale = float((model * data).sum() / (model * model).sum().clamp_min(1e-30))
+        if not scale > 0:
+            raise RuntimeError(f"half-set {self.half}: the images anti-correlate with a random "
+                               "positive density (scale {scale:.3g}); are the particles dark? "
+                               "Try --invert")
+        self.model.scale_amplitudes(scale)
+        self.calibrated = True
+        return scale
+
+    def train_step(self) -> float:
+        if not self.calibrated:
+            self.calibrate()
+        frac = min(1.0, self.step / max(1, self.total_steps))
+        decay = self.cfg.lr_final_fraction ** frac
+        for grp, base in zip(self.optimizer.param_groups, self.base_lrs):
+            grp["lr"] = base * decay
+        data, model = self._images(self.batch(self.step))
+        loss = ((model - data) ** 2).mean()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"half-set {self.half}: the loss became {float(loss)} at step "
+                               f"{self.step} (training stage); lower the learning rates")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step += 1
+        return float(loss.detach())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "calibrated": self.calibrated}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.calibrated = int(state["step"]), bool(state["calibrated"])
+
+    @torch.no_grad()
+    def volume(self) -> torch.Tensor:
+        return self.model.voxelise(self.d, self.pix, n_sigma=self.cfg.n_sigma).cpu()
+
+
+def _save_checkpoint(path, trainers, history, trace, config: dict) -> None:
+    from cryosplat.io.mrc import atomic_path
+
+    state = {"config": config, "history": history, "trace": trace,
+             "halves": [t.state_dict() for t in trainers]}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by :func:`train_gold_standard` (weights-only loading)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainConfig,
+                        device: torch.device, checkpoint_path=None, resume: dict | None = None,
+                        truth: torch.Tensor | None = None, progress=None, log=print,
+                        config: dict | None = None
+                        ) -> tuple[list[HalfSetTrainer], list[dict], list[list[float]]]:
+    """Fit independent mixtures to half-sets 1 and 2 (they never see each other's particles).
+
+    Every ``cfg.eval_every`` steps both halves are voxelised and the half-map FSC (and, with
+    ``truth``, the FSC of their average against it) is recorded in the history; every
+    ``cfg.checkpoint_every`` steps both trainers are checkpointed atomically. Returns the
+    trainers, the evaluation history and the trace of ``[step, loss_1, loss_2]`` per step.
+    """
+    import time
+
+    from cryosplat.evaluate import resolution_A
+
+    halves = [np.nonzero(half_set == h)[0] for h in (1, 2)]
+    if min(len(h) for h in halves) < cfg.batch_size:
+        raise ValueError(f"each half-set needs at least --batch {cfg.batch_size} particles; "
+                         f"they hold {len(halves[0])} and {len(halves[1])}")
+    spe = max(max(1, len(h) // cfg.batch_size) for h in halves)
+    total = max(1, int(round(cfg.epochs * spe)))
+    trainers = [HalfSetTrainer(particles, idx, cfg, h + 1, total, device)
+                for h, idx in enumerate(halves)]
+    history: list[dict] = []
+    trace: list[list[float]] = []
+    elapsed0 = 0.0
+    if resume is not None:
+        for t, s in zip(trainers, resume["halves"]):
+            t.load_state_dict(s)
+        history, trace = list(resume["history"]), [list(r) for r in resume["trace"]]
+        elapsed0 = history[-1]["time_s"] if history else 0.0
+        log(f"resumed at step {trainers[0].step} of {total}")
+    t0 = time.perf_counter() - elapsed0
+    d, pix = particles.box_size, particles.require_single_pixel_size()
+
+    def evaluate(losses):
+        v1, v2 = trainers[0].volume(), trainers[1].volume()
+        row = {"step": trainers[0].step, "time_s": time.perf_counter() - t0,
+               "loss_1": losses[0], "loss_2": losses[1],
+               "half_map_resolution_A": resolution_A(fsc(v1, v2), d, pix)}
+        if truth is not None:
+            ft = fsc((v1 + v2) / 2, truth)
+            row["truth_resolution_A_0.143"] = resolution_A(ft, d, pix)
+            row["truth_resolution_A_0.5"] = resolution_A(ft, d, pix, 0.5)
+        history.append(row)
+        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+
+    losses = [float("nan")] * 2
+    while trainers[0].step < total:
+        losses = [t.train_step() for t in trainers]
+        step = trainers[0].step
+        trace.append([step, *losses])
+        if progress is not None:
+            progress(2 * cfg.batch_size, losses)
+        if step % cfg.eval_every == 0 or step == total:
+            evaluate(losses)
+        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            _save_checkpoint(checkpoint_path, trainers, history, trace, config or {})
+    if not history or history[-1]["step"] != total:
+        evaluate(losses)
+    return trainers, history, trace

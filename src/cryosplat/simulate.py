@@ -86,8 +86,16 @@ def atomic_potential_gaussians(path: str | Path, extra_bfactor_A2: float = 0.0
 
 
 def structure_to_map(path: str | Path, box_size: int, pixel_size_A: float,
-                     extra_bfactor_A2: float = 0.0) -> tuple[torch.Tensor, np.ndarray]:
-    """Ground-truth potential of an atomic model on a `(D, D, D)` grid, and its centre."""
+                     extra_bfactor_A2: float = 0.0,
+                     oversampling: int = 2) -> tuple[torch.Tensor, np.ndarray]:
+    """Ground-truth potential of an atomic model on a `(D, D, D)` grid, and its centre.
+
+    Atoms are far narrower than a voxel (sigma about 0.5 Å), so sampling them directly would
+    alias their high frequencies into every shell: the map would not be the band-limited
+    potential that an ideal detector records. They are sampled on a grid ``oversampling``
+    times finer (centre voxel at the same point) and Fourier-cropped back to D
+    (torch-fourier-rescale), which band-limits the map at Nyquist.
+    """
     means, var, amp, centre = atomic_potential_gaussians(path, extra_bfactor_A2)
     extent = float(means.abs().max())
     if extent > box_size // 2 * pixel_size_A:
@@ -96,7 +104,14 @@ def structure_to_map(path: str | Path, box_size: int, pixel_size_A: float,
                                f"{box_size // 2 * pixel_size_A:.1f} Å: use a larger --box or "
                                "--pixel-size")
     cov = var[:, None, None] * torch.eye(3, dtype=torch.float64)
-    return voxelise(means, cov, amp, box_size, pixel_size_A), centre
+    if oversampling == 1:
+        return voxelise(means, cov, amp, box_size, pixel_size_A), centre
+    from torch_fourier_rescale import fourier_rescale_3d
+
+    fine = voxelise(means.float(), cov.float(), amp.float(), oversampling * box_size,
+                    pixel_size_A / oversampling)
+    vol, _ = fourier_rescale_3d(fine, target_shape=(box_size,) * 3, preserve_mean=True)
+    return vol.double(), centre
 
 
 @dataclass

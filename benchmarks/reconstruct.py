@@ -1,0 +1,121 @@
+"""Gaussian reconstruction against the direct-Fourier-inversion baseline, in one run.
+
+Simulates the built-in 4AKE model, backprojects it (timed: the baseline), then trains the
+gold-standard Gaussian reconstruction for each Gaussian count, each in its own process (its
+peak RSS is its own), evaluating the FSC against the ground truth every --eval-every steps.
+Reports resolution against time, and the time and peak memory to reach the baseline's
+resolution against the truth (FSC 0.143), or that it was not reached. Prints, writes JSON.
+
+    .venv/bin/python benchmarks/reconstruct.py [--box 128 --pixel-size 1.0 --particles 20000]
+        [--gaussians 2000 10000 30000] [--epochs 4] [--device cpu] [--out benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: str) -> dict:
+    import torch
+
+    from cryosplat.io import read_particles, read_volume
+    from cryosplat.reconstruct import (TrainConfig, assign_half_sets, resolve_device,
+                                       train_gold_standard)
+
+    p = read_particles(sim / "particles.star")
+    truth = torch.from_numpy(read_volume(sim / "ground_truth.mrc")[0])
+    cfg = TrainConfig(n_gaussians=n_gauss, epochs=epochs, eval_every=eval_every,
+                      checkpoint_every=10**9)
+    t0 = time.perf_counter()
+    _, history, _ = train_gold_standard(p, assign_half_sets(p, 0), cfg, resolve_device(device),
+                                        truth=truth.to(torch.float32), log=lambda m: None)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out = {"gaussians": n_gauss, "epochs": epochs, "wall_s": time.perf_counter() - t0,
+           "peak_rss_MiB": peak, "history": history}
+    if device != "cpu" and torch.cuda.is_available():
+        out["peak_cuda_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
+
+
+def run(cmd: list[str]) -> str:
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+    return r.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--box", type=int, default=128)
+    ap.add_argument("--pixel-size", type=float, default=1.0)
+    ap.add_argument("--particles", type=int, default=20000)
+    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--gaussians", type=int, nargs="+", default=[2000, 10000, 30000])
+    ap.add_argument("--epochs", type=float, default=4.0)
+    ap.add_argument("--eval-every", type=int, default=25)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--single", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    work = args.workdir or Path(tmp.name)
+    sim = work / "sim"
+    if args.single:
+        print(json.dumps(train_one(sim, args.single, args.epochs, args.eval_every, args.device)))
+        return
+    cli = [sys.executable, "-m", "cryosplat"]
+    if not (sim / "particles.star").exists():
+        run([*cli, "simulate", "--out", str(sim), "--particles", str(args.particles), "--box",
+             str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
+             "--force"])
+    t0 = time.perf_counter()
+    run([*cli, "backproject", str(sim / "particles.star"), "--out", str(work / "bp"), "--truth",
+         str(sim / "ground_truth.mrc"), "--force"])
+    bp = json.loads((work / "bp" / "summary.json").read_text())
+    bp["wall_s"] = time.perf_counter() - t0
+    target = bp["truth_resolution_A_0.143"]
+    print(f"baseline (direct Fourier inversion): {bp['wall_s']:.0f} s; vs truth {target:.2f} Å "
+          f"(0.143), half-maps {bp['half_map_resolution_A']:.2f} Å", flush=True)
+    rows = []
+    for m in args.gaussians:
+        out = run([sys.executable, __file__, "--single", str(m), "--epochs", str(args.epochs),
+                   "--eval-every", str(args.eval_every), "--device", args.device,
+                   "--workdir", str(work)])
+        row = json.loads(out.strip().splitlines()[-1])
+        reached = [h for h in row["history"] if h["truth_resolution_A_0.143"] <= target + 1e-9]
+        row["time_to_baseline_s"] = reached[0]["time_s"] if reached else None
+        last = row["history"][-1]
+        rows.append(row)
+        when = (f"reached the baseline after {row['time_to_baseline_s']:.0f} s"
+                if reached else "did not reach the baseline")
+        print(f"{m:6d} Gaussians: {row['wall_s']:.0f} s, peak RSS {row['peak_rss_MiB']:.0f} MiB; "
+              f"final vs truth {last['truth_resolution_A_0.143']:.2f} Å (0.143), half-maps "
+              f"{last['half_map_resolution_A']:.2f} Å; {when} "
+              f"(ratio to the baseline's time: "
+              f"{(row['time_to_baseline_s'] or float('nan')) / bp['wall_s']:.2f})", flush=True)
+        for h in row["history"]:
+            print(f"    {h['time_s']:7.0f} s  step {h['step']:5d}  vs truth "
+                  f"{h['truth_resolution_A_0.143']:.2f} Å  half-maps {h['half_map_resolution_A']:.2f} Å")
+    import torch
+
+    result = {"box_size": args.box, "pixel_size_A": args.pixel_size, "particles": args.particles,
+              "snr": args.snr, "device": args.device, "threads": torch.get_num_threads(),
+              "machine": platform.processor() or platform.machine(), "baseline": bp,
+              "gaussian": rows}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"reconstruct_{args.device}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Figures and the one-page report of a reconstruction: loss curve, resolution against time,
+a montage of particles beside their renders, and report.html that shows them with the FSC."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cryosplat.io.mrc import atomic_path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    _plt().close(fig)
+
+
+def plot_training(path, trace: list[list[float]], history: list[dict]) -> None:
+    """loss.png: per-step loss of both halves, and resolution (Å) against wall time."""
+    plt = _plt()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
+    t = np.asarray(trace, dtype=float)
+    if len(t):
+        for i, name in ((1, "half 1"), (2, "half 2")):
+            a.plot(t[:, 0], t[:, i], lw=0.7, label=name)
+    a.set_xlabel("step")
+    a.set_ylabel("MSE loss")
+    a.set_yscale("log")
+    a.legend(fontsize=8)
+    times = [r["time_s"] for r in history]
+    b.plot(times, [r["half_map_resolution_A"] for r in history], "o-", label="half-maps (0.143)")
+    if history and "truth_resolution_A_0.143" in history[0]:
+        b.plot(times, [r["truth_resolution_A_0.143"] for r in history], "s-", label="vs truth (0.143)")
+        b.plot(times, [r["truth_resolution_A_0.5"] for r in history], "^-", label="vs truth (0.5)")
+    b.set_xlabel("wall time (s)")
+    b.set_ylabel("resolution (Å)")
+    b.invert_yaxis()
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_montage(path, particles: np.ndarray, renders: np.ndarray) -> None:
+    """montage.png: particles (top row) above the model's CTF-modulated renders (bottom)."""
+    plt = _plt()
+    n = len(particles)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), dpi=110, squeeze=False)
+    for i in range(n):
+        for row, img in ((0, particles[i]), (1, renders[i])):
+            ax = axes[row, i]
+            ax.imshow(img, cmap="gray", origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, i].set_title(f"particle {i + 1}", fontsize=7)
+    axes[0, 0].set_ylabel("particle", fontsize=8)
+    axes[1, 0].set_ylabel("render", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def write_report(out_dir, summary: dict, config: dict) -> Path:
+    """report.html: resolutions, FSC, training curves, montage and the config on one page.
+    The figures are embedded, so the file can be mailed or moved alone."""
+    out = Path(out_dir)
+
+    def img(name: str) -> str:
+        f = out / name
+        if not f.exists():
+            return f"<p>({name} missing)</p>"
+        data = base64.b64encode(f.read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{data}" alt="{name}">'
+
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['0.143']:.2f}</td><td>{v['0.5']:.2f}</td></tr>"
+                   for k, v in summary.get("resolutions_A", {}).items())
+    files = "".join(f"<li>{html.escape(p.name)}</li>" for p in sorted(out.iterdir()) if p.is_file())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cryosplat reconstruction</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}
+img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
+<h1>cryosplat reconstruction</h1>
+<p>{summary.get('particles', '?')} particles, box {summary.get('box_size')} px of
+{summary.get('pixel_size_A', 0):.3f} Å, {config.get('n_gaussians')} Gaussians per half-set,
+{summary.get('steps')} steps in {summary.get('train_time_s', 0):.0f} s on {html.escape(str(summary.get('device')))}.</p>
+<h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
+<h2>FSC</h2>{img('fsc.png')}
+<h2>Training</h2>{img('loss.png')}
+<h2>Particles and renders</h2>{img('montage.png')}
+<h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
+<h2>Files</h2><ul>{files}</ul></body></html>"""
+    path = out / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
