@@ -22,9 +22,11 @@ def tiny(tmp_path_factory):
     return read_particles(sim["particles"]), torch.from_numpy(truth)
 
 
-def test_tiny_reconstruction_beats_a_random_mixture(tiny):
+@pytest.mark.parametrize("loss", ["real", "fourier"])
+def test_tiny_reconstruction_beats_a_random_mixture(tiny, loss):
     p, truth = tiny
-    cfg = TrainConfig(n_gaussians=150, epochs=4, eval_every=1000, checkpoint_every=1000, seed=1)
+    cfg = TrainConfig(n_gaussians=150, epochs=4, eval_every=1000, checkpoint_every=1000, seed=1,
+                      loss=loss)
     half = assign_half_sets(p, 0)
     trainers, history, trace = train_gold_standard(p, half, cfg, torch.device("cpu"))
     from cryosplat.gmm import GaussianMixture
@@ -38,9 +40,22 @@ def test_tiny_reconstruction_beats_a_random_mixture(tiny):
     assert trace[-1][1] < trace[0][1] and trace[-1][2] < trace[0][2]  # both losses fell
 
 
+def test_dark_particles_are_refused_with_a_hint(tiny):
+    from dataclasses import replace
+
+    from cryosplat.errors import InputError
+
+    p, _ = tiny
+    cfg = TrainConfig(n_gaussians=50, epochs=1, eval_every=1000, checkpoint_every=1000)
+    with pytest.raises(InputError, match="--invert"):
+        train_gold_standard(replace(p, invert=True), assign_half_sets(p, 0), cfg,
+                            torch.device("cpu"))
+
+
 def test_resume_continues_to_the_same_mixture(tiny, tmp_path):
     p, _ = tiny
-    cfg = TrainConfig(n_gaussians=60, epochs=2, eval_every=1000, checkpoint_every=4, seed=3)
+    cfg = TrainConfig(n_gaussians=60, epochs=2, eval_every=1000, checkpoint_every=4, seed=3,
+                      loss="fourier")  # its running noise spectrum must be restored too
     half = assign_half_sets(p, 0)
     ref, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"))
 
@@ -67,3 +82,46 @@ def test_resume_continues_to_the_same_mixture(tiny, tmp_path):
         assert a.step == b.step
         for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
             assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    import mrcfile
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "cryosplat", *map(str, args)],
+                              capture_output=True, text=True)
+
+    r = run("simulate", "--out", tmp_path / "sim", "--particles", 160, "--box", 24,
+            "--pixel-size", 4.0, "--snr", 1.0)
+    assert r.returncode == 0, r.stderr
+    args = ["reconstruct", tmp_path / "sim" / "particles.star", "--out", tmp_path / "rec",
+            "--gaussians", 40, "--epochs", 2, "--checkpoint-every", 2, "--device", "cpu",
+            "--truth", tmp_path / "sim" / "ground_truth.mrc"]
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    rec = tmp_path / "rec"
+    for f in ("map.mrc", "half_map_1.mrc", "half_map_2.mrc", "fsc.csv", "fsc.png", "loss.png",
+              "montage.png", "config.json", "log.txt", "summary.json", "report.html",
+              "checkpoint.pt", "gaussians_half_1.ply", "gaussians_half_2.pdb",
+              "gaussians_half_1.pt"):
+        assert (rec / f).stat().st_size > 0, f
+    with mrcfile.open(rec / "map.mrc") as m:
+        assert m.data.shape == (24, 24, 24) and m.voxel_size.x == pytest.approx(4.0)
+        assert np.isfinite(m.data).all()
+    s = json.loads((rec / "summary.json").read_text())
+    assert s["steps"] == 4 and "map vs truth" in s["resolutions_A"]
+    assert "data:image/png;base64" in (rec / "report.html").read_text()
+    state = torch.load(rec / "gaussians_half_1.pt", weights_only=True)
+    assert state["means_A"].shape == (40, 3)
+    # an existing folder is never overwritten without --force
+    r = run(*args)
+    assert r.returncode == 2 and "--force" in r.stderr
+    # resume of a finished run re-writes the outputs from the last checkpoint, same mixture
+    before = mrcfile.read(rec / "map.mrc").copy()
+    r = run("reconstruct", "--resume", rec)
+    assert r.returncode == 0, r.stderr
+    np.testing.assert_allclose(mrcfile.read(rec / "map.mrc"), before, atol=1e-6)

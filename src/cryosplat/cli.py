@@ -439,6 +439,8 @@ def reconstruct(
     epochs: float = typer.Option(4.0, "--epochs", help="Passes over each half-set"),
     batch: int = typer.Option(32, "--batch", help="Particles per step and half-set"),
     lr: float = typer.Option(0.5, "--lr-means", help="Adam step of the means, pixels"),
+    loss: str = typer.Option("real", "--loss", help="real: real-space MSE (the paper's); fourier:"
+                                                    " residual whitened per Fourier shell"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and half-set split"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints"),
@@ -475,8 +477,10 @@ def reconstruct(
     else:
         if particles is None or out is None:
             raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
+        if loss not in ("real", "fourier"):
+            raise InputError(None, f"--loss {loss}: expected real or fourier")
         cfg = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs, lr_means_px=lr,
-                          checkpoint_every=checkpoint_every, seed=seed)
+                          loss=loss, checkpoint_every=checkpoint_every, seed=seed)
         config = {"particles": str(particles.resolve()), "datadir": datadir and str(datadir),
                   "poses": poses and str(poses), "ctf": ctf and str(ctf), "pixel_size": pixel_size,
                   "box": box, "max_particles": max_particles, "invert": invert,
@@ -495,6 +499,9 @@ def reconstruct(
     s = run_reconstruction(p, out, cfg, config["device"], t and Path(t), m and Path(m), config,
                            state)
     print_resolutions(s["resolutions_A"])
+    from cryosplat.report import HALF_MAP_CAUTION
+
+    console.print(f"[yellow]caution:[/yellow] {HALF_MAP_CAUTION}")
     console.print(f"report: {s['report']}")
 
 

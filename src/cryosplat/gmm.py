@@ -186,14 +186,6 @@ def render_rfft(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes:
     raise ValueError(f"unknown renderer backend {backend!r}; expected 'patch' or 'fourier'")
 
 
-def render_images(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
-                  rotations: torch.Tensor, box_size: int, pixel_size_A: float,
-                  **kwargs) -> torch.Tensor:
-    """:func:`render_rfft` back in real space: `(B, D, D)`."""
-    f = render_rfft(means_A, covariances_A2, amplitudes, rotations, box_size, pixel_size_A, **kwargs)
-    return torch.fft.irfft2(f, s=(box_size, box_size))
-
-
 def splat_fourier(mean2d: torch.Tensor, cov2d: torch.Tensor, amplitudes: torch.Tensor,
                   box_size: int, pixel_size_A: float, k_max_per_A: float | None = None,
                   chunk: int = 256) -> torch.Tensor:

@@ -176,6 +176,7 @@ class TrainConfig:
     init_scale_px: float = 2.0
     n_sigma: float = 4.0
     blur_px: float = 0.0
+    loss: str = "real"  # "real": real-space MSE (the paper's); "fourier": noise-whitened
     eval_every: int = 50  # steps between FSC evaluations (and log lines)
     checkpoint_every: int = 50  # steps between checkpoints
     seed: int = 0
@@ -196,10 +197,24 @@ def resolve_device(name: str) -> torch.device:
 def model_images(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf, box_size: int,
                  pixel_size_A: float, n_sigma: float = 4.0, blur_A: float = 0.0) -> torch.Tensor:
     """The mixture's particle images: CTF x shift(projection), real space, `(B, D, D)`."""
+    f = model_images_rfft(mixture, rotations, origin_A, ctf, box_size, pixel_size_A, n_sigma, blur_A)
+    return torch.fft.irfft2(f, s=(box_size, box_size))
+
+
+def model_images_rfft(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf,
+                      box_size: int, pixel_size_A: float, n_sigma: float = 4.0,
+                      blur_A: float = 0.0) -> torch.Tensor:
+    """:func:`model_images` in rfft space, `(B, D, D//2+1)`."""
     from cryosplat.ctf import modulate
 
     f = mixture.render_rfft(rotations, box_size, pixel_size_A, n_sigma=n_sigma, blur_A=blur_A)
-    return torch.fft.irfft2(modulate(f, origin_A, ctf, pixel_size_A), s=(box_size, box_size))
+    return modulate(f, origin_A, ctf, pixel_size_A)
+
+
+def radial_shells_2d(box_size: int, device=None) -> torch.Tensor:
+    """Integer radius (Fourier shell) of each element of a `(D, D//2+1)` rfft2: long tensor."""
+    k = geometry.rfft_frequencies_2d(box_size, 1.0, device=device, dtype=torch.float64)
+    return torch.round(k.norm(dim=-1) * box_size).long()
 
 
 class HalfSetTrainer:
@@ -232,6 +247,8 @@ class HalfSetTrainer:
         self.base_lrs = [grp["lr"] for grp in self.optimizer.param_groups]
         self.step = 0
         self.calibrated = False
+        self.shells = radial_shells_2d(self.d, device)
+        self.noise_power: torch.Tensor | None = None  # per shell, for loss="fourier"
 
     @property
     def steps_per_epoch(self) -> int:
@@ -243,13 +260,38 @@ class HalfSetTrainer:
         b = self.cfg.batch_size
         return self.indices[np.sort(perm[j * b:(j + 1) * b])]
 
-    def _images(self, idx: np.ndarray):
+    def _images(self, idx: np.ndarray, rfft: bool = False):
         t = torch.from_numpy(idx)
         data = self.p.read_images(idx).to(self.device)
-        model = model_images(self.model, self.rotations[t].to(self.device),
-                             self.p.shifts_A[t].float().to(self.device), self.ctf[t].to(self.device),
-                             self.d, self.pix, self.cfg.n_sigma, self.cfg.blur_px * self.pix)
-        return data, model
+        args = (self.model, self.rotations[t].to(self.device),
+                self.p.shifts_A[t].float().to(self.device), self.ctf[t].to(self.device),
+                self.d, self.pix, self.cfg.n_sigma, self.cfg.blur_px * self.pix)
+        if rfft:
+            return torch.fft.rfft2(data), model_images_rfft(*args)
+        return data, model_images(*args)
+
+    def _loss(self, idx: np.ndarray) -> torch.Tensor:
+        """Real-space MSE, or with ``loss="fourier"`` the rfft residual weighted per shell by
+        1 / (running mean residual power of that shell), the weights averaging 1."""
+        if self.cfg.loss == "real":
+            data, model = self._images(idx)
+            return ((model - data) ** 2).mean()
+        if self.cfg.loss != "fourier":
+            raise ValueError(f"loss {self.cfg.loss!r}: expected 'real' or 'fourier'")
+        data_f, model_f = self._images(idx, rfft=True)
+        power = (model_f - data_f).abs() ** 2  # (B, D, D//2+1)
+        shells = self.shells
+        with torch.no_grad():
+            n = int(shells.max()) + 1
+            per_shell = torch.bincount(shells.flatten(), power.mean(0).flatten().double(),
+                                       minlength=n) / torch.bincount(shells.flatten(), minlength=n)
+            if self.noise_power is None:
+                self.noise_power = per_shell
+            else:
+                self.noise_power = 0.9 * self.noise_power + 0.1 * per_shell
+            w = 1 / self.noise_power.clamp_min(1e-30)[shells]
+            w = (w / w.mean()).float()
+        return (power * w).mean() / self.d**2
 
     @torch.no_grad()
     def calibrate(self) -> float:
@@ -257,9 +299,11 @@ class HalfSetTrainer:
         data, model = self._images(self.batch(0))
         scale = float((model * data).sum() / (model * model).sum().clamp_min(1e-30))
         if not scale > 0:
-            raise RuntimeError(f"half-set {self.half}: the images anti-correlate with a random "
-                               "positive density (scale {scale:.3g}); are the particles dark? "
-                               "Try --invert")
+            from cryosplat.errors import InputError
+
+            raise InputError(self.p.source, f"half-set {self.half}: the images anti-correlate "
+                                            f"with a random positive density (scale {scale:.3g})"
+                                            "; the molecule looks dark: try --invert")
         self.model.scale_amplitudes(scale)
         self.calibrated = True
         return scale
@@ -271,8 +315,7 @@ class HalfSetTrainer:
         decay = self.cfg.lr_final_fraction ** frac
         for grp, base in zip(self.optimizer.param_groups, self.base_lrs):
             grp["lr"] = base * decay
-        data, model = self._images(self.batch(self.step))
-        loss = ((model - data) ** 2).mean()
+        loss = self._loss(self.batch(self.step))
         if not torch.isfinite(loss):
             raise RuntimeError(f"half-set {self.half}: the loss became {float(loss)} at step "
                                f"{self.step} (training stage); lower the learning rates")
@@ -284,12 +327,14 @@ class HalfSetTrainer:
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "calibrated": self.calibrated}
+                "step": self.step, "calibrated": self.calibrated,
+                "noise_power": self.noise_power}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.calibrated = int(state["step"]), bool(state["calibrated"])
+        self.noise_power = state.get("noise_power")
 
     @torch.no_grad()
     def volume(self) -> torch.Tensor:
