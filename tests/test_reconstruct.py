@@ -125,3 +125,32 @@ def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
     r = run("reconstruct", "--resume", rec)
     assert r.returncode == 0, r.stderr
     np.testing.assert_allclose(mrcfile.read(rec / "map.mrc"), before, atol=1e-6)
+
+
+def test_densify_and_prune_keep_training_and_resume(tiny, tmp_path):
+    p, truth = tiny
+    cfg = TrainConfig(n_gaussians=80, epochs=3, eval_every=1000, checkpoint_every=5, seed=4,
+                      densify=True, densify_every=3, densify_until=0.8, densify_fraction=0.2,
+                      max_gaussians=150)
+    half = assign_half_sets(p, 0)
+    ref, _, trace = train_gold_standard(p, half, cfg, torch.device("cpu"))
+    for t in ref:
+        assert 80 < len(t.model) <= 150  # grew, within the cap
+        assert torch.isfinite(t.volume()).all()
+    assert trace[-1][1] < trace[0][1]
+    # a densified run resumes to the same mixture
+    steps = []
+
+    def stop(n, losses):
+        steps.append(1)
+        if len(steps) == 7:
+            raise KeyboardInterrupt
+
+    ckpt = tmp_path / "c.pt"
+    with pytest.raises(KeyboardInterrupt):
+        train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt, progress=stop)
+    resumed, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt,
+                                        resume=load_checkpoint(ckpt))
+    for a, b in zip(ref, resumed):
+        assert len(a.model) == len(b.model)
+        assert torch.allclose(a.model.means_A, b.model.means_A, atol=1e-4)

@@ -439,6 +439,10 @@ def reconstruct(
     epochs: float = typer.Option(4.0, "--epochs", help="Passes over each half-set"),
     batch: int = typer.Option(32, "--batch", help="Particles per step and half-set"),
     lr: float = typer.Option(0.5, "--lr-means", help="Adam step of the means, pixels"),
+    densify: bool = typer.Option(False, "--densify", help="Split Gaussians with large gradients "
+                                                          "and prune vanishing ones (adaptive count)"),
+    max_gaussians: int = typer.Option(0, "--max-gaussians", help="Cap with --densify (0: 4 x "
+                                                                 "--gaussians)"),
     loss: str = typer.Option("real", "--loss", help="real: real-space MSE (the paper's); fourier:"
                                                     " residual whitened per Fourier shell"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
@@ -480,7 +484,8 @@ def reconstruct(
         if loss not in ("real", "fourier"):
             raise InputError(None, f"--loss {loss}: expected real or fourier")
         cfg = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs, lr_means_px=lr,
-                          loss=loss, checkpoint_every=checkpoint_every, seed=seed)
+                          loss=loss, densify=densify, max_gaussians=max_gaussians,
+                          checkpoint_every=checkpoint_every, seed=seed)
         config = {"particles": str(particles.resolve()), "datadir": datadir and str(datadir),
                   "poses": poses and str(poses), "ctf": ctf and str(ctf), "pixel_size": pixel_size,
                   "box": box, "max_particles": max_particles, "invert": invert,

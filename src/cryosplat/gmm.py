@@ -81,6 +81,18 @@ class GaussianMixture(torch.nn.Module):
         return self.means_A.shape[0]
 
     @classmethod
+    def from_raw(cls, means_A: torch.Tensor, log_scales_A: torch.Tensor, quaternions: torch.Tensor,
+                 raw_amplitudes: torch.Tensor, amplitude_unit: torch.Tensor) -> "GaussianMixture":
+        """A mixture from stored (raw) parameters, e.g. a state dict or a densified model."""
+        m = cls(means_A.detach(), log_scales_A.detach().exp(), quaternions.detach(),
+                torch.ones_like(raw_amplitudes.detach()))
+        with torch.no_grad():
+            m.log_scales_A.copy_(log_scales_A)
+            m.raw_amplitudes.copy_(raw_amplitudes)
+            m.amplitude_unit.copy_(amplitude_unit)
+        return m
+
+    @classmethod
     def random(cls, n: int, radius_A: float, scale_A: float, amplitude: float = 1.0,
                generator: torch.Generator | None = None, dtype=torch.float32,
                device=None) -> "GaussianMixture":

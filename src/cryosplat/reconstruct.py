@@ -9,6 +9,7 @@ correction (sinc²) and a crop back to the box.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,6 +178,12 @@ class TrainConfig:
     n_sigma: float = 4.0
     blur_px: float = 0.0
     loss: str = "real"  # "real": real-space MSE (the paper's); "fourier": noise-whitened
+    densify: bool = False  # split Gaussians with large mean gradients, prune vanishing ones
+    densify_every: int = 25  # steps between densify/prune rounds
+    densify_until: float = 0.6  # ... during this fraction of the run
+    densify_fraction: float = 0.05  # share of Gaussians split per round (largest gradients)
+    max_gaussians: int = 0  # cap with densify; 0 = 4 x n_gaussians
+    prune_below: float = 0.01  # prune amplitudes below this x the median amplitude
     eval_every: int = 50  # steps between FSC evaluations (and log lines)
     checkpoint_every: int = 50  # steps between checkpoints
     seed: int = 0
@@ -239,12 +246,9 @@ class HalfSetTrainer:
                                             * self.pix, cfg.init_scale_px * self.pix,
                                             generator=g).to(device)
         self.lr_means = cfg.lr_means_px * self.pix
-        self.optimizer = torch.optim.Adam([
-            {"params": [self.model.means_A], "lr": self.lr_means},
-            {"params": [self.model.log_scales_A], "lr": cfg.lr_scales},
-            {"params": [self.model.quaternions], "lr": cfg.lr_rotations},
-            {"params": [self.model.raw_amplitudes], "lr": cfg.lr_amplitudes}])
-        self.base_lrs = [grp["lr"] for grp in self.optimizer.param_groups]
+        self.base_lrs = [self.lr_means, cfg.lr_scales, cfg.lr_rotations, cfg.lr_amplitudes]
+        self.optimizer = self._adam()
+        self.grad_accum = torch.zeros(cfg.n_gaussians, device=device)
         self.step = 0
         self.calibrated = False
         self.shells = radial_shells_2d(self.d, device)
@@ -308,6 +312,63 @@ class HalfSetTrainer:
         self.calibrated = True
         return scale
 
+    def _adam(self) -> torch.optim.Adam:
+        m = self.model
+        params = (m.means_A, m.log_scales_A, m.quaternions, m.raw_amplitudes)
+        return torch.optim.Adam([{"params": [x], "lr": lr} for x, lr in zip(params, self.base_lrs)])
+
+    def _rebuild(self, keep: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
+        """Keep Gaussians ``keep`` (their Adam moments too) and append ``new`` parameters
+        (fresh moments); the amplitude unit stays."""
+        from cryosplat.gmm import GaussianMixture
+
+        old, old_opt = self.model, self.optimizer.state_dict()
+        names = ("means_A", "log_scales_A", "quaternions", "raw_amplitudes")
+        tensors = {n: torch.cat([getattr(old, n).detach()[keep], new[n]]) for n in names}
+        self.model = GaussianMixture.from_raw(**tensors, amplitude_unit=old.amplitude_unit)
+        self.optimizer = self._adam()
+        state = self.optimizer.state_dict()
+        n_new = len(new["means_A"])
+        for i, n in enumerate(names):
+            st = old_opt["state"].get(i)
+            if st is None:
+                continue
+            state["state"][i] = {"step": st["step"], **{
+                k: torch.cat([st[k][keep], st[k].new_zeros((n_new, *st[k].shape[1:]))])
+                for k in ("exp_avg", "exp_avg_sq")}}
+        self.optimizer.load_state_dict(state)
+        for grp, g in zip(self.optimizer.param_groups, old_opt["param_groups"]):
+            grp["lr"] = g["lr"]
+        self.grad_accum = torch.zeros(len(self.model), device=self.device)
+
+    @torch.no_grad()
+    def densify_and_prune(self) -> tuple[int, int]:
+        """Prune Gaussians whose amplitude fell below ``prune_below`` x the median; split the
+        ``densify_fraction`` with the largest accumulated mean-gradient norm into two, drawn
+        from the parent (seeded), scales / 1.6, amplitude halved each. Returns (split, pruned)."""
+        cfg, m = self.cfg, self.model
+        cap = cfg.max_gaussians or 4 * cfg.n_gaussians
+        amp = m.amplitudes
+        alive = amp > cfg.prune_below * amp.median()
+        n_split = min(int(cfg.densify_fraction * len(m)), max(0, cap - int(alive.sum())))
+        score = torch.where(alive, self.grad_accum, -1.0)
+        split = torch.topk(score, n_split).indices if n_split > 0 else score.new_zeros(0).long()
+        keep = alive.clone()
+        keep[split] = False
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.half * 104729 + self.step)
+        cov = m.covariances()[split]
+        chol = torch.linalg.cholesky(cov + 1e-9 * torch.eye(3, device=cov.device))
+        new = {}
+        offsets = torch.randn(2, n_split, 3, generator=g).to(cov)
+        new["means_A"] = (m.means_A[split][None] + torch.einsum("mij,smj->smi", chol, offsets)
+                          ).reshape(-1, 3)
+        new["log_scales_A"] = (m.log_scales_A[split] - math.log(1.6)).repeat(2, 1)
+        new["quaternions"] = m.quaternions[split].repeat(2, 1)
+        half_amp = amp[split] / 2 / m.amplitude_unit
+        new["raw_amplitudes"] = (half_amp + torch.log(-torch.expm1(-half_amp))).repeat(2)
+        self._rebuild(keep, new)
+        return n_split, int((~alive).sum())
+
     def train_step(self) -> float:
         if not self.calibrated:
             self.calibrate()
@@ -321,18 +382,30 @@ class HalfSetTrainer:
                                f"{self.step} (training stage); lower the learning rates")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.cfg.densify:
+            self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
         self.step += 1
+        if (self.cfg.densify and self.step % self.cfg.densify_every == 0
+                and self.step < self.cfg.densify_until * self.total_steps):
+            self.densify_and_prune()
         return float(loss.detach())
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "calibrated": self.calibrated,
-                "noise_power": self.noise_power}
+                "noise_power": self.noise_power, "grad_accum": self.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
+        n = state["model"]["means_A"].shape[0]
+        if n != len(self.model):  # densified: rebuild at the checkpoint's size first
+            self._rebuild(torch.zeros(len(self.model), dtype=torch.bool, device=self.device),
+                          {k: v.to(self.device) for k, v in state["model"].items()
+                           if k != "amplitude_unit"})
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if "grad_accum" in state:
+            self.grad_accum = state["grad_accum"].to(self.device)
         self.step, self.calibrated = int(state["step"]), bool(state["calibrated"])
         self.noise_power = state.get("noise_power")
 
