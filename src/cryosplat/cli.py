@@ -359,11 +359,9 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     pix = p.require_single_pixel_size()
     half = assign_half_sets(p, cfg.seed)
     gt = None if truth is None else read_map_like(truth, p.box_size, pix, "ground truth")
-    log_file = open(out / "log.txt", "a", encoding="utf-8")
-
     def log(msg: str) -> None:
-        log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        log_file.flush()
+        with open(out / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
         f"config {json.dumps(asdict(cfg))}")
@@ -384,9 +382,14 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
             bar.update(task, advance=n, info=f"{rate:.0f} particles/s, loss {losses[0]:.4g} / "
                                              f"{losses[1]:.4g}")
 
-        trainers, history, trace = train_gold_standard(
-            p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume, truth=gt,
-            progress=progress, log=log, config=config)
+        try:
+            trainers, history, trace = train_gold_standard(
+                p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume, truth=gt,
+                progress=progress, log=log, config=config)
+        except BaseException as e:
+            log(f"stopped during training: {type(e).__name__}: {e}; the last checkpoint is "
+                f"{out / 'checkpoint.pt'} (continue with --resume {out})")
+            raise
     train_time = history[-1]["time_s"]
     v1, v2 = trainers[0].volume(), trainers[1].volume()
     full = (v1 + v2) / 2
@@ -426,7 +429,6 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["report"] = str(write_report(out, summary, config))
     log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å; report {summary['report']}")
-    log_file.close()
     return summary
 
 
