@@ -441,8 +441,8 @@ def reconstruct(
     epochs: float = typer.Option(4.0, "--epochs", help="Passes over each half-set"),
     batch: int = typer.Option(32, "--batch", help="Particles per step and half-set"),
     lr: float = typer.Option(0.5, "--lr-means", help="Adam step of the means, pixels"),
-    densify: bool = typer.Option(False, "--densify", help="Split Gaussians with large gradients "
-                                                          "and prune vanishing ones (adaptive count)"),
+    densify: bool = typer.Option(True, "--densify/--no-densify", help="Split Gaussians with large "
+                                 "gradients and prune vanishing ones (adaptive count)"),
     max_gaussians: int = typer.Option(0, "--max-gaussians", help="Cap with --densify (0: 4 x "
                                                                  "--gaussians)"),
     loss: str = typer.Option("real", "--loss", help="real: real-space MSE (the paper's); fourier:"
@@ -516,8 +516,9 @@ def reconstruct(
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder"),
     particles: int = typer.Option(2000, "--particles"),
-    gaussians: int = typer.Option(1000, "--gaussians", help="Gaussians per half-set"),
-    epochs: float = typer.Option(5.0, "--epochs"),
+    gaussians: int = typer.Option(500, "--gaussians", help="Gaussians per half-set at the start "
+                                                           "(densified up to 4x)"),
+    epochs: float = typer.Option(6.0, "--epochs"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo"),
 ):
@@ -549,10 +550,10 @@ def demo(
     bp = run_backprojection(p, bp_dir, 0, truth)
     (bp_dir / "summary.json").write_text(json.dumps(bp, indent=2))
     console.print(f"[bold]3. reconstruct[/bold]: {gaussians} random Gaussians per half-set, "
-                  f"{epochs:g} epochs")
+                  f"{epochs:g} epochs, densify and prune")
     rec = out / "reconstruction"
     rec.mkdir(exist_ok=True)
-    tcfg = TrainConfig(n_gaussians=gaussians, epochs=epochs)
+    tcfg = TrainConfig(n_gaussians=gaussians, epochs=epochs, densify=True)
     config = {"particles": sim["particles"], "datadir": None, "poses": None, "ctf": None,
               "pixel_size": None, "box": None, "max_particles": None, "invert": False,
               "truth": str(truth), "mask": None, "device": device, "train": asdict(tcfg)}

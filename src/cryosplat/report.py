@@ -14,11 +14,12 @@ from cryosplat.io.mrc import atomic_path
 
 
 HALF_MAP_CAUTION = (
-    "The half-map FSC of two Gaussian mixtures can overestimate the resolution: on simulated "
-    "data (4AKE, box 64, 1.5 Å, 2000 particles) the two halves agreed to Nyquist (3.0 Å at FSC "
-    "0.143) while the map's FSC against the ground truth crossed 0.5 at 4.3 Å. The positive, "
-    "smooth Gaussian model extends the shared low-resolution signal in the same way in both "
-    "halves. Until this is understood, treat the half-map resolution as an upper bound.")
+    "The half-map FSC of two Gaussian mixtures can overestimate the resolution. On simulated "
+    "data (4AKE, box 64, 1.5 Å, 2000 particles) the halves of a fixed count of 500 Gaussians "
+    "agreed to Nyquist (3.0 Å at FSC 0.143) while the map's FSC against the ground truth "
+    "crossed 0.5 at 5.6 Å; with densification the halves gave 3.35 Å and the truth 4.18 Å. "
+    "For the baseline, half-map 0.143 and truth 0.5 agree. Both halves share the model's "
+    "bias, which the half-map FSC cannot see: treat its resolution as an upper bound.")
 
 
 def _plt():
