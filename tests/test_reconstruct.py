@@ -40,6 +40,28 @@ def test_tiny_reconstruction_beats_a_random_mixture(tiny, loss):
     assert trace[-1][1] < trace[0][1] and trace[-1][2] < trace[0][2]  # both losses fell
 
 
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_and_resume(p, half, cfg, ckpt, after_steps: int):
+    """Train until ``after_steps`` steps have run, interrupt, then resume from the checkpoint.
+    Returns (the checkpoint's state, the resumed trainers, their loss trace)."""
+    steps = []
+
+    def stop(n, losses):
+        steps.append(1)
+        if len(steps) == after_steps:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt, progress=stop)
+    state = load_checkpoint(ckpt)
+    resumed, _, trace = train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt,
+                                            resume=state)
+    return state, resumed, trace
+
+
 def test_dark_particles_are_refused_with_a_hint(tiny):
     from dataclasses import replace
 
@@ -58,25 +80,8 @@ def test_resume_continues_to_the_same_mixture(tiny, tmp_path):
                       loss="fourier")  # its running noise spectrum must be restored too
     half = assign_half_sets(p, 0)
     ref, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"))
-
-    class Interrupt(Exception):
-        pass
-
-    steps = []
-
-    def stop_after_six(n, losses):
-        steps.append(1)
-        if len(steps) == 6:
-            raise Interrupt
-
-    ckpt = tmp_path / "checkpoint.pt"
-    with pytest.raises(Interrupt):
-        train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt,
-                            progress=stop_after_six)
-    state = load_checkpoint(ckpt)
+    state, resumed, trace = interrupt_and_resume(p, half, cfg, tmp_path / "checkpoint.pt", 6)
     assert state["halves"][0]["step"] == 4  # the last checkpoint before the interruption
-    resumed, _, trace = train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt,
-                                            resume=state)
     assert trace[0][0] == 1 and len(trace) == ref[0].step
     for a, b in zip(ref, resumed):
         assert a.step == b.step
@@ -139,18 +144,7 @@ def test_densify_and_prune_keep_training_and_resume(tiny, tmp_path):
         assert torch.isfinite(t.volume()).all()
     assert trace[-1][1] < trace[0][1]
     # a densified run resumes to the same mixture
-    steps = []
-
-    def stop(n, losses):
-        steps.append(1)
-        if len(steps) == 7:
-            raise KeyboardInterrupt
-
-    ckpt = tmp_path / "c.pt"
-    with pytest.raises(KeyboardInterrupt):
-        train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt, progress=stop)
-    resumed, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"), checkpoint_path=ckpt,
-                                        resume=load_checkpoint(ckpt))
+    _, resumed, _ = interrupt_and_resume(p, half, cfg, tmp_path / "c.pt", 7)
     for a, b in zip(ref, resumed):
         assert len(a.model) == len(b.model)
         assert torch.allclose(a.model.means_A, b.model.means_A, atol=1e-4)
