@@ -67,3 +67,37 @@ def test_downsample_writes_relion_31_and_refuses_to_overwrite(tmp_path):
     r = run("downsample", star, "--out", out, "--box", 8)
     assert r.returncode == 2 and "--force" in r.stderr
     assert (out / "particles.mrcs").read_bytes() == before
+
+
+def test_validate_reports_every_check_and_fails_on_what_reconstruction_needs(tmp_path):
+    import pandas as pd
+    import starfile
+
+    from conftest import random_images
+
+    t = make_truth(n=12, box=16, two_groups=False)
+    good = write_star31(tmp_path / "good", t, random_images(t))
+    r = run("validate", good, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["ok"] and out["particles"] == 12
+    names = {c["check"] for c in out["checks"]}
+    assert {"image stacks", "poses", "pixel size", "CTF defocus", "pose coverage",
+            "half-sets", "shifts"} <= names
+    # no angles, and a stack that is missing: both fail, with the reason, exit 1
+    star = starfile.read(good)
+    parts = star["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    parts["rlnImageName"] = parts["rlnImageName"].str.replace("@", "@missing_", regex=False)
+    bad = tmp_path / "good" / "bad.star"
+    starfile.write({"optics": star["optics"], "particles": pd.DataFrame(parts)}, bad)
+    r = run("validate", bad, "--json")
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    status = {c["check"]: c for c in json.loads(r.stdout)["checks"]}
+    assert status["poses"]["status"] == "fail"
+    assert status["image stacks"]["status"] == "fail" and "missing_" in status["image stacks"]["detail"]
+    # an implausible defocus is a warning, not a failure
+    star["particles"]["rlnDefocusU"] = 500000.0
+    odd = tmp_path / "good" / "odd.star"
+    starfile.write(star, odd)
+    r = run("validate", odd)
+    assert r.returncode == 0 and "warn" in r.stdout

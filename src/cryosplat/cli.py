@@ -96,6 +96,94 @@ def info(
         console.print(f"[dim]default: {k} -> {v}[/dim]")
 
 
+def validation_checks(p) -> list[dict]:
+    """Everything ``reconstruct`` needs, as checks ``{check, status: ok|warn|fail, detail}``,
+    without training: stacks and indices, poses, CTF and its ranges, pixel sizes, pose
+    coverage, half-sets and shifts."""
+    checks: list[dict] = []
+
+    def add(name: str, status: str, detail: str) -> None:
+        checks.append({"check": name, "status": status, "detail": detail})
+
+    try:
+        p.images.check()
+        add("image stacks", "ok", f"{len(p.images.files)} stack(s), every index within its "
+                                  f"stack, {p.box_size} x {p.box_size} px")
+    except InputError as e:
+        add("image stacks", "fail", str(e))
+    add("poses", "ok" if p.rotations is not None else "fail",
+        "present" if p.rotations is not None else "no angles: reconstruction needs poses")
+    sizes = sorted({round(float(x), 6) for x in p.pixel_size_A.unique()})
+    add("pixel size", "ok" if len(sizes) == 1 else "fail",
+        f"{sizes[0]:g} Å" if len(sizes) == 1 else f"optics groups differ: {sizes} Å")
+    if p.ctf is None:
+        add("CTF", "fail", "no CTF parameters")
+    else:
+        c = p.ctf
+        mean_um = ((c.defocus_u_A + c.defocus_v_A) / 2e4).numpy()
+        astig_um = ((c.defocus_u_A - c.defocus_v_A).abs() / 2e4).numpy()
+        ranges = [
+            ("defocus", mean_um, 0.1, 10.0, "µm"),
+            ("astigmatism", astig_um, 0.0, 1.0, "µm"),
+            ("voltage", c.voltage_kV.numpy(), 60.0, 400.0, "kV"),
+            ("Cs", c.cs_mm.numpy(), 0.0, 10.0, "mm"),
+            ("amplitude contrast", c.amplitude_contrast.numpy(), 0.0, 0.5, ""),
+        ]
+        for name, v, lo, hi, unit in ranges:
+            bad = int(((v < lo) | (v > hi)).sum())
+            add(f"CTF {name}", "warn" if bad else "ok",
+                f"{v.min():.3g} to {v.max():.3g} {unit}".rstrip()
+                + (f"; {bad} particle(s) outside the usual {lo:g}-{hi:g} {unit}" if bad else ""))
+    if p.rotations is not None:
+        pc = pose_coverage(p.rotations)
+        status = "warn" if pc["occupied_fraction"] < 0.25 or pc["max_over_mean"] > 20 else "ok"
+        add("pose coverage", status, f"{pc['occupied_fraction']:.0%} of {pc['directions']} "
+                                     f"directions seen; fullest {pc['max_over_mean']:.1f}x the mean"
+            + ("; strongly preferred orientation" if status == "warn" else ""))
+    half = p.half_set.numpy()
+    if (half > 0).all():
+        n1, n2 = int((half == 1).sum()), int((half == 2).sum())
+        add("half-sets", "ok" if min(n1, n2) >= 0.4 * max(n1, n2) else "warn",
+            f"defined in the file: {n1} + {n2}")
+    else:
+        add("half-sets", "ok", "not in the file: a seeded random 50/50 split will be used")
+    shift_px = (p.shifts_A.norm(dim=-1) / p.pixel_size_A).max()
+    add("shifts", "warn" if shift_px > p.box_size / 4 else "ok",
+        f"|origin| up to {float(shift_px):.1f} px of a {p.box_size} px box")
+    return checks
+
+
+@app.command()
+def validate(
+    particles: Path = typer.Argument(..., help="Particles: .star, .cs, or .mrcs with --poses/--ctf"),
+    datadir: Optional[Path] = DatadirOpt,
+    poses: Optional[Path] = PosesOpt,
+    ctf: Optional[Path] = CtfOpt,
+    pixel_size: Optional[float] = PixelOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table"),
+):
+    """Check everything a reconstruction needs (stacks, headers, poses, CTF ranges, pose
+    coverage, half-sets), without training. Exit 0 when nothing fails, 1 otherwise."""
+    from cryosplat.io import read_particles
+
+    p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size)
+    checks = validation_checks(p)
+    failed = any(c["status"] == "fail" for c in checks)
+    if as_json:
+        print(json.dumps({"file": str(particles), "particles": len(p), "ok": not failed,
+                          "checks": checks}, indent=2))
+    else:
+        table = Table("check", "status", "detail", title=f"{particles}: {len(p)} particles")
+        colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+        for c in checks:
+            table.add_row(c["check"], f"[{colour[c['status']]}]{c['status']}[/]", c["detail"])
+        console.print(table)
+        console.print("[red]not ready for reconstruction[/red]" if failed
+                      else "[green]ready for reconstruction[/green]")
+    if failed:
+        raise typer.Exit(1)
+
+
 def summarise(p) -> dict:
     """Counts, optics, defocus, pose coverage and half-sets of a dataset, as plain data."""
     groups = []
@@ -572,7 +660,9 @@ def demo(
 def main() -> None:
     """Entry point: runs the app and turns input errors into one line and exit code 2."""
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)  # click returns a typer.Exit's code in this mode
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
     except InputError as e:
         err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
