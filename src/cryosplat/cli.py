@@ -313,21 +313,29 @@ def read_map_like(path: Path, box_size: int, voxel_size_A: float, what: str) -> 
 
 
 def fsc_report(half_1: torch.Tensor, half_2: torch.Tensor, full: torch.Tensor | None,
-               voxel_size_A: float, truth: Optional[Path] = None,
-               mask: Optional[Path] = None) -> tuple[dict, dict]:
-    """Half-map FSC curves (unmasked, spherical, auto-mask or mask, corrected) and, with
+               voxel_size_A: float, truth: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """Half-map FSC curves (unmasked, spherical, auto-mask or ``mask``, corrected) and, with
     ``truth``, the full map against it. Returns (curves, resolutions in Å at 0.143 and 0.5)."""
-    from cryosplat.evaluate import fsc as fsc_curve, fsc_curves, resolution_A
+    from cryosplat.evaluate import fsc as fsc_curve, fsc_curves, resolutions
 
-    d = half_1.shape[-1]
-    m = None if mask is None else read_map_like(mask, d, voxel_size_A, "mask")
-    curves = {f"half-maps, {k}": v for k, v in fsc_curves(half_1, half_2, voxel_size_A, m).items()}
+    curves = {f"half-maps, {k}": v
+              for k, v in fsc_curves(half_1, half_2, voxel_size_A, mask).items()}
     if truth is not None:
-        gt = read_map_like(truth, d, voxel_size_A, "ground truth")
-        curves["map vs truth"] = fsc_curve(full, gt).numpy()
-    res = {name: {"0.143": resolution_A(c, d, voxel_size_A),
-                  "0.5": resolution_A(c, d, voxel_size_A, 0.5)} for name, c in curves.items()}
-    return curves, res
+        curves["map vs truth"] = fsc_curve(full, truth).numpy()
+    return curves, resolutions(curves, half_1.shape[-1], voxel_size_A)
+
+
+def headline_resolutions(res: dict) -> dict:
+    """The summary.json fields of a :func:`fsc_report`: half-map resolutions at 0.143
+    (unmasked, corrected), the truth's at 0.143 and 0.5 when there is one, and every curve's."""
+    out = {"half_map_resolution_A": res["half-maps, unmasked"]["0.143"],
+           "half_map_resolution_A_corrected": res["half-maps, corrected"]["0.143"],
+           "resolutions_A": res}
+    if "map vs truth" in res:
+        out["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
+        out["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
+    return out
 
 
 def print_resolutions(res: dict) -> None:
@@ -354,16 +362,14 @@ def run_backprojection(p, out: Path, seed: int, truth: Optional[Path] = None,
         if not torch.isfinite(vol).all():
             raise RuntimeError(f"backprojection produced NaN/Inf in {name}")
         write_volume(out / f"{name}.mrc", vol, pix)
-    curves, res = fsc_report(result.half_map_1, result.half_map_2, result.map, pix, truth, mask)
+    d = p.box_size
+    curves, res = fsc_report(
+        result.half_map_1, result.half_map_2, result.map, pix,
+        None if truth is None else read_map_like(truth, d, pix, "ground truth"),
+        None if mask is None else read_map_like(mask, d, pix, "mask"))
     write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix, "direct Fourier inversion")
-    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "half_map_resolution_A": res["half-maps, unmasked"]["0.143"],
-               "half_map_resolution_A_corrected": res["half-maps, corrected"]["0.143"],
-               "resolutions_A": res}
-    if truth is not None:
-        summary["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
-        summary["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
-    return summary
+    return {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+            **headline_resolutions(res)}
 
 
 @app.command()
@@ -406,7 +412,7 @@ def fsc(
 ):
     """FSC of two maps (or a map and --truth): unmasked, spherical mask, soft auto-mask (or
     --mask), phase-randomisation corrected; resolution at 0.143 and 0.5."""
-    from cryosplat.evaluate import fsc_curves, resolution_A, shell_frequencies, write_fsc
+    from cryosplat.evaluate import fsc_curves, resolutions, shell_frequencies, write_fsc
     from cryosplat.io import read_volume
 
     other = truth if truth is not None else map_b
@@ -417,8 +423,7 @@ def fsc(
     m = None if mask is None else read_map_like(mask, a.shape[0], pa, "mask")
     curves = fsc_curves(torch.from_numpy(a), b, pa, m)
     d = a.shape[0]
-    res = {k: {"0.143": resolution_A(c, d, pa), "0.5": resolution_A(c, d, pa, 0.5)}
-           for k, c in curves.items()}
+    res = resolutions(curves, d, pa)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         write_fsc(out / "fsc.csv", out / "fsc.png", curves, d, pa, f"{map_a.name} vs {other.name}")
@@ -440,7 +445,7 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     from cryosplat.io.gaussians import write_pdb, write_ply
     from cryosplat.io.mrc import atomic_path
     from cryosplat.reconstruct import (assign_half_sets, model_images, resolve_device,
-                                       train_gold_standard)
+                                       total_steps, train_gold_standard)
     from cryosplat.report import plot_montage, plot_training, write_report
 
     dev = resolve_device(device)
@@ -456,9 +461,7 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     t_start = time.perf_counter()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
-        halves = [int((half == h).sum()) for h in (1, 2)]
-        spe = max(max(1, n // cfg.batch_size) for n in halves)
-        total_images = 2 * cfg.batch_size * max(1, int(round(cfg.epochs * spe)))
+        total_images = 2 * cfg.batch_size * total_steps(half, cfg)
         done0 = 0 if resume is None else 2 * cfg.batch_size * int(resume["halves"][0]["step"])
         task = bar.add_task("training", total=total_images, completed=done0, info="")
         t0 = time.perf_counter()
@@ -492,7 +495,8 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
         with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
             torch.save(model.state_dict(), tmp)
         t.model.to(dev)
-    curves, res = fsc_report(v1, v2, full, pix, truth, mask)
+    curves, res = fsc_report(v1, v2, full, pix, gt,
+                             None if mask is None else read_map_like(mask, p.box_size, pix, "mask"))
     write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix,
               f"Gaussian mixture, {cfg.n_gaussians} per half-set")
     plot_training(out / "loss.png", trace, history)
@@ -507,13 +511,8 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
     summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
                "device": str(dev), "steps": trainers[0].step, "train_time_s": train_time,
-               "wall_time_s": time.perf_counter() - t_start,
-               "half_map_resolution_A": res["half-maps, unmasked"]["0.143"],
-               "half_map_resolution_A_corrected": res["half-maps, corrected"]["0.143"],
-               "resolutions_A": res, "history": history}
-    if truth is not None:
-        summary["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
-        summary["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
+               "wall_time_s": time.perf_counter() - t_start, **headline_resolutions(res),
+               "history": history}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     summary["report"] = str(write_report(out, summary, config))
     log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å; report {summary['report']}")

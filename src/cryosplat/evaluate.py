@@ -163,6 +163,14 @@ def resolution_A(curve: torch.Tensor | np.ndarray, box_size: int, voxel_size_A: 
     return float(1 / f)
 
 
+def resolutions(curves: dict[str, np.ndarray], box_size: int,
+                voxel_size_A: float) -> dict[str, dict[str, float]]:
+    """``{curve: {"0.143": Å, "0.5": Å}}`` for each FSC curve."""
+    return {name: {"0.143": resolution_A(c, box_size, voxel_size_A),
+                   "0.5": resolution_A(c, box_size, voxel_size_A, 0.5)}
+            for name, c in curves.items()}
+
+
 def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
               voxel_size_A: float, title: str = "") -> None:
     """fsc.csv (one column per curve) and fsc.png with the 0.143 and 0.5 lines."""

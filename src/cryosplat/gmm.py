@@ -75,7 +75,7 @@ class GaussianMixture(torch.nn.Module):
         self.quaternions = torch.nn.Parameter(quaternions.clone())
         unit = amplitudes.detach().mean()
         self.register_buffer("amplitude_unit", unit.clone())
-        self.raw_amplitudes = torch.nn.Parameter(_softplus_inverse(amplitudes / unit))
+        self.raw_amplitudes = torch.nn.Parameter(softplus_inverse(amplitudes / unit))
 
     def __len__(self) -> int:
         return self.means_A.shape[0]
@@ -137,7 +137,8 @@ class GaussianMixture(torch.nn.Module):
                         voxel_size_A, **kwargs)
 
 
-def _softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
+    """``y`` with ``softplus(y) = x`` for ``x > 0``."""
     return x + torch.log(-torch.expm1(-x))
 
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from cryosplat import geometry
 from cryosplat.ctf import ctf_rfft
 from cryosplat.evaluate import fsc
+from cryosplat.gmm import softplus_inverse
 from cryosplat.io.particles import Particles
 
 
@@ -367,7 +368,7 @@ class HalfSetTrainer:
         new["log_scales_A"] = (m.log_scales_A[split] - math.log(1.6)).repeat(2, 1)
         new["quaternions"] = m.quaternions[split].repeat(2, 1)
         half_amp = amp[split] / 2 / m.amplitude_unit
-        new["raw_amplitudes"] = (half_amp + torch.log(-torch.expm1(-half_amp))).repeat(2)
+        new["raw_amplitudes"] = softplus_inverse(half_amp).repeat(2)
         self._rebuild(keep, new)
         return n_split, int((~alive).sum())
 
@@ -416,6 +417,12 @@ class HalfSetTrainer:
         return self.model.voxelise(self.d, self.pix, n_sigma=self.cfg.n_sigma).cpu()
 
 
+def total_steps(half_set: np.ndarray, cfg: TrainConfig) -> int:
+    """Steps of a run: ``epochs`` passes over the larger half-set (both halves step together)."""
+    spe = max(max(1, int((half_set == h).sum()) // cfg.batch_size) for h in (1, 2))
+    return max(1, int(round(cfg.epochs * spe)))
+
+
 def _save_checkpoint(path, trainers, history, trace, config: dict) -> None:
     from cryosplat.io.mrc import atomic_path
 
@@ -450,8 +457,7 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
     if min(len(h) for h in halves) < cfg.batch_size:
         raise ValueError(f"each half-set needs at least --batch {cfg.batch_size} particles; "
                          f"they hold {len(halves[0])} and {len(halves[1])}")
-    spe = max(max(1, len(h) // cfg.batch_size) for h in halves)
-    total = max(1, int(round(cfg.epochs * spe)))
+    total = total_steps(half_set, cfg)
     trainers = [HalfSetTrainer(particles, idx, cfg, h + 1, total, device)
                 for h, idx in enumerate(halves)]
     history: list[dict] = []
