@@ -210,3 +210,62 @@ def test_fsc_cli_with_a_mask_and_a_bad_mask(tmp_path, small_truth):
     assert "Traceback" not in r.stderr
     r = run("fsc", tmp_path / "a.mrc", tmp_path / "small.mrc")
     assert r.returncode == 2 and "small.mrc" in r.stderr and "expected 32 voxels" in r.stderr
+
+
+def _band_limited(d: int, seed: int, falloff: float) -> torch.Tensor:
+    """A random map whose amplitude falls as exp(-falloff |k|) (k in cycles/voxel)."""
+    g = torch.Generator().manual_seed(seed)
+    k = torch.fft.fftfreq(d, dtype=torch.float64)
+    kz, ky, kx = torch.meshgrid(k, k, torch.fft.rfftfreq(d, dtype=torch.float64), indexing="ij")
+    r = torch.sqrt(kz**2 + ky**2 + kx**2)
+    spec = torch.complex(torch.randn(r.shape, generator=g, dtype=torch.float64),
+                         torch.randn(r.shape, generator=g, dtype=torch.float64))
+    return torch.fft.irfftn(spec * torch.exp(-falloff * r), s=(d, d, d))
+
+
+def test_cross_validated_fsc_sees_shared_bias_that_the_half_map_fsc_counts_as_signal():
+    # Two "models" share a systematic error s; the "references" are the truth plus
+    # independent noise (a direct reconstruction of each half). The half-map FSC of the
+    # models counts s as signal; the cross-validated estimate must follow the true FSC.
+    from cryosplat.evaluate import cross_validated_fsc, cross_validated_resolution
+
+    d, pix = 48, 1.0
+    t = _band_limited(d, 0, 8.0)
+    s = 0.9 * _band_limited(d, 1, 2.0) * t.std() / _band_limited(d, 1, 2.0).std()
+    noise = [t.std() * torch.randn(d, d, d, generator=torch.Generator().manual_seed(i),
+                                   dtype=torch.float64) for i in (2, 3, 4, 5)]
+    m1, m2 = t + s + 0.1 * noise[0], t + s + 0.1 * noise[1]
+    b1, b2 = t + 2 * noise[2], t + 2 * noise[3]
+    cv = cross_validated_fsc(m1, m2, b1, b2)
+    true = ((fsc(m1, t) + fsc(m2, t)) / 2).double().numpy()
+    est = cv["estimate"]
+    defined = np.isfinite(est)
+    assert defined[:12].all() and not defined.all()  # the references run out of signal
+    err = np.abs(est - true)[1:][defined[1:]]
+    strong = cv["references"][1:][defined[1:]] > 0.2  # statistical error grows near the floor
+    assert err[strong].max() < 0.05 and err.max() < 0.12
+    half_map = fsc(m1, m2).double().numpy()
+    # the bias makes the models agree with each other far better than with the truth
+    last = int(np.nonzero(defined)[0].max())
+    assert (half_map[last - 3: last + 1] > true[last - 3: last + 1] + 0.2).all()
+    # no overfitting of noise here: FSC work and FSC free agree
+    np.testing.assert_allclose(cv["work"], cv["free"], atol=0.05)
+    r, limit = cross_validated_resolution(est, d, pix)
+    r_true = resolution_A(true, d, pix, 0.5)
+    if limit:
+        assert r >= r_true - 1e-6  # a limit is never better than the truth
+    else:
+        assert abs(d * pix / r - d * pix / r_true) < 2  # within two shells
+    assert resolution_A(half_map, d, pix, 0.5) < r_true  # while the half-map FSC overestimates
+
+
+def test_cross_validated_resolution_is_a_limit_when_the_references_run_out():
+    from cryosplat.evaluate import cross_validated_resolution
+
+    est = np.full(17, np.nan)
+    est[:9] = 0.9
+    r, limit = cross_validated_resolution(est, 32, 2.0)
+    assert limit and r == pytest.approx(32 * 2.0 / 8)
+    est[:9] = np.linspace(1, 0.2, 9)
+    r, limit = cross_validated_resolution(est, 32, 2.0)
+    assert not limit and r == pytest.approx(resolution_A(est[:9], 32, 2.0, 0.5))

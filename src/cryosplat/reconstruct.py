@@ -440,18 +440,21 @@ def load_checkpoint(path) -> dict:
 def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainConfig,
                         device: torch.device, checkpoint_path=None, resume: dict | None = None,
                         truth: torch.Tensor | None = None, progress=None, log=print,
-                        config: dict | None = None
+                        config: dict | None = None,
+                        references: tuple[torch.Tensor, torch.Tensor] | None = None,
                         ) -> tuple[list[HalfSetTrainer], list[dict], list[list[float]]]:
     """Fit independent mixtures to half-sets 1 and 2 (they never see each other's particles).
 
-    Every ``cfg.eval_every`` steps both halves are voxelised and the half-map FSC (and, with
-    ``truth``, the FSC of their average against it) is recorded in the history; every
+    Every ``cfg.eval_every`` steps both halves are voxelised and the half-map FSC (with
+    ``truth``, the FSC of their average against it; with ``references``, the half-sets' own
+    direct reconstructions, the cross-validated estimate of
+    :func:`cryosplat.evaluate.cross_validated_fsc`) is recorded in the history; every
     ``cfg.checkpoint_every`` steps both trainers are checkpointed atomically. Returns the
     trainers, the evaluation history and the trace of ``[step, loss_1, loss_2]`` per step.
     """
     import time
 
-    from cryosplat.evaluate import resolution_A
+    from cryosplat.evaluate import cross_validated_fsc, cross_validated_resolution, resolution_A
 
     halves = [np.nonzero(half_set == h)[0] for h in (1, 2)]
     if min(len(h) for h in halves) < cfg.batch_size:
@@ -481,6 +484,11 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
             ft = fsc((v1 + v2) / 2, truth)
             row["truth_resolution_A_0.143"] = resolution_A(ft, d, pix)
             row["truth_resolution_A_0.5"] = resolution_A(ft, d, pix, 0.5)
+        if references is not None:
+            est = cross_validated_fsc(v1, v2, *references)["estimate"]
+            r, limit = cross_validated_resolution(est, d, pix)
+            row["cross_validated_resolution_A"] = r
+            row["cross_validated_is_limit"] = limit
         history.append(row)
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
