@@ -203,3 +203,21 @@ def test_unknown_optics_group_is_refused(tmp_path):
     starfile.write(blocks, star)
     with pytest.raises(InputError, match=r"rlnOpticsGroup row 3 is 7, which data_optics does not"):
         read_particles(star)
+
+
+@pytest.mark.parametrize("dtype", ["<f4", ">f4", "<i2", ">i2", "<f2", "|i1", "<u2"])
+def test_positioned_reads_match_mrcfile_for_every_mode_and_byte_order(tmp_path, dtype):
+    from cryosplat.io.mrc import ImageSource
+
+    rng = np.random.default_rng(0)
+    stack = (rng.normal(size=(9, 6, 6)) * 20).astype(dtype)
+    if dtype == "<u2":
+        stack = np.abs(stack.astype(np.float32)).astype(dtype)
+    path = tmp_path / "s.mrcs"
+    with mrcfile.new(path) as m:
+        m.set_data(stack)
+        m.set_extended_header(np.zeros(32, dtype=np.uint8))  # data start after 1024 + 32 bytes
+    src = ImageSource([str(path)], np.zeros(5, int), np.array([7, 2, 3, 3, 0]), 6, 6)
+    got = src.read(np.arange(5))
+    ref = mrcfile.read(path).astype(np.float32)
+    np.testing.assert_array_equal(got, ref[[7, 2, 3, 3, 0]])

@@ -119,6 +119,10 @@ def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
         assert np.isfinite(m.data).all()
     s = json.loads((rec / "summary.json").read_text())
     assert s["steps"] == 4 and "map vs truth" in s["resolutions_A"]
+    # cross-validation against the half-sets' direct maps, made first and kept
+    assert s["cross_validated_resolution_A"] >= 2 * 4.0
+    assert (rec / "backprojection" / "half_map_2.mrc").stat().st_size > 0
+    assert "cross-validated" in (rec / "fsc.csv").read_text().splitlines()[0]
     assert "data:image/png;base64" in (rec / "report.html").read_text()
     state = torch.load(rec / "gaussians_half_1.pt", weights_only=True)
     assert state["means_A"].shape == (40, 3)

@@ -470,6 +470,25 @@ def cross_validation_report(v1: torch.Tensor, v2: torch.Tensor, references, voxe
     return curves, {"cross_validated_resolution_A": r, "cross_validated_is_limit": limit}
 
 
+def launch_torchrun(nproc: int) -> int:
+    """Run this command line again as ``nproc`` torchrun processes on this machine (without
+    --nproc); return their exit code."""
+    import subprocess
+
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "cryosplat", *args]
+    err_console.print(f"launching {nproc} processes: {' '.join(cmd)}", highlight=False)
+    return subprocess.run(cmd).returncode
+
+
 def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], mask: Optional[Path],
                        config: dict, resume: Optional[dict] = None, validate: bool = True,
                        baseline: Optional[tuple[dict, tuple]] = None) -> dict:
@@ -485,30 +504,35 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     from cryosplat.io import write_volume
     from cryosplat.io.gaussians import write_pdb, write_ply
     from cryosplat.io.mrc import atomic_path
-    from cryosplat.reconstruct import (assign_half_sets, model_images, resolve_device,
-                                       total_steps, train_gold_standard)
+    from cryosplat.reconstruct import (assign_half_sets, barrier, model_images, rank_and_world,
+                                       resolve_device, total_steps, train_gold_standard)
     from cryosplat.report import plot_montage, plot_training, write_report
 
     dev = resolve_device(device)
+    rank, world = rank_and_world()
+    lead = rank == 0  # under torchrun only rank 0 validates, logs and writes
     pix = p.require_single_pixel_size()
     half = assign_half_sets(p, cfg.seed)
     gt = None if truth is None else read_map_like(truth, p.box_size, pix, "ground truth")
 
     def log(msg: str) -> None:
-        with open(out / "log.txt", "a", encoding="utf-8") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+        if lead:
+            with open(out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
     log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
-        f"config {json.dumps(asdict(cfg))}")
+        f"{world} process(es), config {json.dumps(asdict(cfg))}")
     t_start = time.perf_counter()
     refs = None
-    if validate:
+    if validate and lead:
         baseline = baseline or validation_references(p, out, half, truth, mask)
         refs = baseline[1]
         log(f"validation maps (direct inversion of each half-set): half-maps "
             f"{baseline[0]['half_map_resolution_A']:.2f} Å")
+    barrier()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console) as bar:
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=err_console,
+                  disable=not lead) as bar:
         total_images = 2 * cfg.batch_size * total_steps(half, cfg)
         done0 = 0 if resume is None else 2 * cfg.batch_size * int(resume["halves"][0]["step"])
         task = bar.add_task("training", total=total_images, completed=done0, info="")
@@ -529,6 +553,8 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
             log(f"stopped during training: {type(e).__name__}: {e}; the last checkpoint is "
                 f"{out / 'checkpoint.pt'} (continue with --resume {out})")
             raise
+    if not lead:
+        return {}
     train_time = history[-1]["time_s"]
     v1, v2 = trainers[0].volume(), trainers[1].volume()
     full = (v1 + v2) / 2
@@ -569,7 +595,7 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
                                         p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu())
     plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
     summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "device": str(dev), "steps": trainers[0].step, "train_time_s": train_time,
+               "device": str(dev), "processes": world, "steps": trainers[0].step, "train_time_s": train_time,
                "wall_time_s": time.perf_counter() - t_start, **headline_resolutions(res),
                **cv_fields, "history": history}
     if baseline is not None:
@@ -599,6 +625,11 @@ def reconstruct(
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and half-set split"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints"),
+    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine "
+                              "(launched with torchrun; gloo on CPU, NCCL on GPUs). For several "
+                              "machines run torchrun yourself: see README"),
+    workers: int = typer.Option(1, "--workers", help="DataLoader processes reading particles "
+                                "ahead of training (0: read on demand)"),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Also reconstruct each "
                                   "half-set directly, to cross-validate the resolution (about as "
                                   "long as a few epochs on a CPU)"),
@@ -615,11 +646,18 @@ def reconstruct(
     force: bool = ForceOpt,
 ):
     """Gold-standard Gaussian-mixture reconstruction from random initialisation."""
+    import os
     from dataclasses import asdict
 
     from cryosplat.io import read_particles
-    from cryosplat.reconstruct import TrainConfig, load_checkpoint
+    from cryosplat.reconstruct import TrainConfig, barrier, init_distributed, load_checkpoint
 
+    if nproc < 1:
+        raise InputError(None, f"--nproc {nproc}: expected 1 or more")
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise typer.Exit(launch_torchrun(nproc))
+    rank, _ = init_distributed(device)
+    lead = rank == 0
     state = None
     if resume is not None:
         if particles is not None:
@@ -639,7 +677,7 @@ def reconstruct(
             raise InputError(None, f"--loss {loss}: expected real or fourier")
         cfg = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs, lr_means_px=lr,
                           loss=loss, densify=densify, max_gaussians=max_gaussians,
-                          checkpoint_every=checkpoint_every, seed=seed)
+                          checkpoint_every=checkpoint_every, seed=seed, loader_workers=workers)
         config = {"particles": str(particles.resolve()), "datadir": datadir and str(datadir),
                   "poses": poses and str(poses), "ctf": ctf and str(ctf), "pixel_size": pixel_size,
                   "box": box, "max_particles": max_particles, "invert": invert,
@@ -650,13 +688,16 @@ def reconstruct(
                        ctf=config["ctf"], pixel_size_A=config["pixel_size"], box_size=config["box"],
                        max_particles=config["max_particles"], invert=config["invert"])
     p.require_poses(), p.require_ctf(), p.images.check()
-    if state is None:
+    if state is None and lead:
         prepare_out_dir(out, force)
         (out / "config.json").write_text(json.dumps(config, indent=2))
+    barrier()
     t = config["truth"]
     m = config["mask"]
     s = run_reconstruction(p, out, cfg, config["device"], t and Path(t), m and Path(m), config,
                            state, validate=config.get("validate", True))
+    if not lead:
+        return
     print_resolutions(s["resolutions_A"])
     from cryosplat.report import HALF_MAP_CAUTION
 

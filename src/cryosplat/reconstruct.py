@@ -1,10 +1,19 @@
-"""Reconstruction. For now: the baseline, direct Fourier inversion with known poses.
+"""Reconstruction: the baseline (direct Fourier inversion with known poses) and the
+gold-standard Gaussian-mixture reconstruction, streamed and optionally data-parallel.
 
-Each particle's transform, shifted back by ``+origin`` and multiplied by its CTF, is inserted
+Baseline. Each particle's transform, shifted back by ``+origin`` and multiplied by its CTF, is inserted
 as a central slice (torch-fourier-slice, trilinear) into a 2x padded 3D transform, and so is
 its CTF². The map is ``sum CTF F / (sum CTF² + 1/SNR(k))`` (Wiener-style), where ``SNR(k)``
 comes from the half-maps' FSC of a first, lightly regularised pass; then the gridding
 correction (sinc²) and a crop back to the box.
+
+Gaussian mixtures. Each half-set's mixture is fitted by Adam to mini-batches whose order is a
+pure function of (seed, half, epoch) (:func:`batch_indices`). Images are read by a prefetching
+DataLoader (:class:`BatchStream`) from the stacks with positioned reads, so memory does not
+grow with the particle count. Under ``torch.distributed`` each rank takes every
+``world``-th particle of each global batch, and the per-rank sums of the loss, of the
+amplitude calibration and of the gradients are all-reduced, so every rank takes the same Adam
+step an undivided run would take on the whole batch.
 """
 
 from __future__ import annotations
@@ -190,18 +199,54 @@ class TrainConfig:
     eval_every: int = 50  # steps between FSC evaluations (and log lines)
     checkpoint_every: int = 50  # steps between checkpoints
     seed: int = 0
+    loader_workers: int = 1  # DataLoader processes reading ahead (0: read on demand)
 
 
 def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` or ``auto`` (CUDA when there is one)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when there is one); under torchrun, CUDA means this
+    process's GPU, ``cuda:LOCAL_RANK``."""
+    import os
+
+    if name not in ("cpu", "cuda", "auto"):
+        raise ValueError(f"--device {name!r}: expected cpu, cuda or auto")
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda: torch finds no CUDA device (torch "
                            f"{torch.__version__}, built for CUDA {torch.version.cuda})")
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r}: expected cpu, cuda or auto")
-    return torch.device(name)
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_distributed(device_name: str) -> tuple[int, int]:
+    """Join the process group that torchrun describes in the environment (``WORLD_SIZE``,
+    ``RANK``, ``MASTER_ADDR``...) when ``WORLD_SIZE`` > 1: NCCL when the ranks train on CUDA,
+    gloo on CPU. Returns (rank, world size); (0, 1) outside torchrun.
+
+    The timeout is long (24 h) because rank 0 alone makes the validation maps while the others
+    wait at a barrier."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dev = resolve_device(device_name)
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=24))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to do in a single process)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.barrier()
 
 
 def model_images(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf, box_size: int,
@@ -227,11 +272,80 @@ def radial_shells_2d(box_size: int, device=None) -> torch.Tensor:
     return torch.round(k.norm(dim=-1) * box_size).long()
 
 
+# ---------------------------------------------------------------------------------------
+# Batches, streaming and data parallelism
+# ---------------------------------------------------------------------------------------
+
+
+def batch_indices(indices: np.ndarray, batch_size: int, seed: int, half: int,
+                  step: int) -> np.ndarray:
+    """The particles of a half-set's global batch ``step``: a permutation per epoch drawn from
+    ``(seed, half, epoch)``, so a resumed or parallel run sees exactly the same batches."""
+    spe = max(1, len(indices) // batch_size)
+    epoch, j = divmod(step, spe)
+    perm = np.random.default_rng([seed, half, epoch]).permutation(len(indices))
+    return indices[np.sort(perm[j * batch_size:(j + 1) * batch_size])]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the number of ranks (0, 1 without torch.distributed)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum ``t`` over ranks in place (nothing to do in a single process)."""
+    import torch.distributed as dist
+
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class _StepImages(torch.utils.data.Dataset):
+    """Item ``i``: this rank's images of each trainer's batch ``first_step + i``."""
+
+    def __init__(self, trainers: list["HalfSetTrainer"], first_step: int, last_step: int):
+        self.p = trainers[0].p
+        self.selectors = [(t.indices, t.cfg.batch_size, t.cfg.seed, t.half) for t in trainers]
+        self.first, self.last = first_step, last_step
+        self.rank, self.world = rank_and_world()
+
+    def __len__(self) -> int:
+        return self.last - self.first
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        step = self.first + i
+        return [self.p.read_images(batch_indices(*sel, step)[self.rank::self.world])
+                for sel in self.selectors]
+
+
+class BatchStream:
+    """Iterate over the images of steps ``[first_step, last_step)`` for each trainer, read
+    ahead by ``workers`` DataLoader processes (0: read in this process, on demand)."""
+
+    def __init__(self, trainers: list["HalfSetTrainer"], first_step: int, last_step: int,
+                 workers: int = 1, prefetch: int = 2):
+        ds = _StepImages(trainers, first_step, last_step)
+        kw = dict(num_workers=workers, prefetch_factor=prefetch,
+                  persistent_workers=False) if workers > 0 else {}
+        self.loader = torch.utils.data.DataLoader(
+            ds, batch_size=None, shuffle=False,
+            pin_memory=trainers[0].device.type == "cuda", **kw)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
 class HalfSetTrainer:
     """A Gaussian mixture fitted to one half-set with Adam; deterministic for its seed.
 
-    The batch order is a permutation per epoch drawn from ``(seed, half, epoch)``, so a run
-    resumed at step ``s`` sees exactly the batches an uninterrupted run would.
+    The batch order is :func:`batch_indices`, so a run resumed at step ``s`` sees exactly the
+    batches an uninterrupted run would. Under torch.distributed each rank handles its share of
+    every batch and the sums are all-reduced (see the module's docstring).
     """
 
     def __init__(self, particles: Particles, indices: np.ndarray, cfg: TrainConfig, half: int,
@@ -256,20 +370,22 @@ class HalfSetTrainer:
         self.calibrated = False
         self.shells = radial_shells_2d(self.d, device)
         self.noise_power: torch.Tensor | None = None  # per shell, for loss="fourier"
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return max(1, len(self.indices) // self.cfg.batch_size)
+        self.rank, self.world = rank_and_world()
+        if cfg.batch_size < self.world:
+            raise ValueError(f"--batch {cfg.batch_size} is smaller than the {self.world} ranks")
 
     def batch(self, step: int) -> np.ndarray:
-        epoch, j = divmod(step, self.steps_per_epoch)
-        perm = np.random.default_rng([self.cfg.seed, self.half, epoch]).permutation(len(self.indices))
-        b = self.cfg.batch_size
-        return self.indices[np.sort(perm[j * b:(j + 1) * b])]
+        """The global batch of ``step`` (all ranks' particles)."""
+        return batch_indices(self.indices, self.cfg.batch_size, self.cfg.seed, self.half, step)
 
-    def _images(self, idx: np.ndarray, rfft: bool = False):
+    def local_batch(self, step: int) -> np.ndarray:
+        """This rank's share of the global batch of ``step``."""
+        return self.batch(step)[self.rank::self.world]
+
+    def _images(self, idx: np.ndarray, rfft: bool = False, data: torch.Tensor | None = None):
         t = torch.from_numpy(idx)
-        data = self.p.read_images(idx).to(self.device)
+        data = self.p.read_images(idx) if data is None else data
+        data = data.to(self.device, non_blocking=True)
         args = (self.model, self.rotations[t].to(self.device),
                 self.p.shifts_A[t].float().to(self.device), self.ctf[t].to(self.device),
                 self.d, self.pix, self.cfg.n_sigma, self.cfg.blur_px * self.pix)
@@ -277,20 +393,23 @@ class HalfSetTrainer:
             return torch.fft.rfft2(data), model_images_rfft(*args)
         return data, model_images(*args)
 
-    def _loss(self, idx: np.ndarray) -> torch.Tensor:
-        """Real-space MSE, or with ``loss="fourier"`` the rfft residual weighted per shell by
+    def _loss(self, idx: np.ndarray, n_global: int, data: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """This rank's part of the global batch's loss (the parts sum to it over ranks):
+        real-space MSE, or with ``loss="fourier"`` the rfft residual weighted per shell by
         1 / (running mean residual power of that shell), the weights averaging 1."""
         if self.cfg.loss == "real":
-            data, model = self._images(idx)
-            return ((model - data) ** 2).mean()
+            data, model = self._images(idx, data=data)
+            return ((model - data) ** 2).sum() / (n_global * self.d * self.d)
         if self.cfg.loss != "fourier":
             raise ValueError(f"loss {self.cfg.loss!r}: expected 'real' or 'fourier'")
-        data_f, model_f = self._images(idx, rfft=True)
+        data_f, model_f = self._images(idx, rfft=True, data=data)
         power = (model_f - data_f).abs() ** 2  # (B, D, D//2+1)
         shells = self.shells
         with torch.no_grad():
             n = int(shells.max()) + 1
-            per_shell = torch.bincount(shells.flatten(), power.mean(0).flatten().double(),
+            total = all_reduce_sum(power.sum(0).double()) / n_global
+            per_shell = torch.bincount(shells.flatten(), total.flatten(),
                                        minlength=n) / torch.bincount(shells.flatten(), minlength=n)
             if self.noise_power is None:
                 self.noise_power = per_shell
@@ -298,13 +417,14 @@ class HalfSetTrainer:
                 self.noise_power = 0.9 * self.noise_power + 0.1 * per_shell
             w = 1 / self.noise_power.clamp_min(1e-30)[shells]
             w = (w / w.mean()).float()
-        return (power * w).mean() / self.d**2
+        return (power * w).sum() / (n_global * power[0].numel() * self.d**2)
 
     @torch.no_grad()
     def calibrate(self) -> float:
         """Scale the amplitudes so that the first batch's render best fits its images."""
-        data, model = self._images(self.batch(0))
-        scale = float((model * data).sum() / (model * model).sum().clamp_min(1e-30))
+        data, model = self._images(self.local_batch(0))
+        sums = all_reduce_sum(torch.stack([(model * data).sum(), (model * model).sum()]).double())
+        scale = float(sums[0] / sums[1].clamp_min(1e-30))
         if not scale > 0:
             from cryosplat.errors import InputError
 
@@ -372,19 +492,29 @@ class HalfSetTrainer:
         self._rebuild(keep, new)
         return n_split, int((~alive).sum())
 
-    def train_step(self) -> float:
+    def train_step(self, data: torch.Tensor | None = None) -> float:
+        """One Adam step on the global batch of ``self.step`` (``data``: this rank's images of
+        it, prefetched; read here when None). Returns the batch's loss."""
         if not self.calibrated:
             self.calibrate()
         frac = min(1.0, self.step / max(1, self.total_steps))
         decay = self.cfg.lr_final_fraction ** frac
         for grp, base in zip(self.optimizer.param_groups, self.base_lrs):
             grp["lr"] = base * decay
-        loss = self._loss(self.batch(self.step))
+        loss = self._loss(self.local_batch(self.step), len(self.batch(self.step)), data)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if self.world > 1:  # one all-reduce of the loss and every gradient
+            flat = all_reduce_sum(torch.cat([loss.detach().reshape(1).double()] +
+                                            [p.grad.reshape(-1).double() for p in params]))
+            loss, off = flat[0], 1
+            for p in params:
+                p.grad.copy_(flat[off:off + p.numel()].reshape(p.shape))
+                off += p.numel()
         if not torch.isfinite(loss):
             raise RuntimeError(f"half-set {self.half}: the loss became {float(loss)} at step "
                                f"{self.step} (training stage); lower the learning rates")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         if self.cfg.densify:
             self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
@@ -445,7 +575,9 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
                         ) -> tuple[list[HalfSetTrainer], list[dict], list[list[float]]]:
     """Fit independent mixtures to half-sets 1 and 2 (they never see each other's particles).
 
-    Every ``cfg.eval_every`` steps both halves are voxelised and the half-map FSC (with
+    Images are read ahead by a :class:`BatchStream`. Under torch.distributed every rank calls
+    this with the same arguments; only rank 0 evaluates, reports progress and writes
+    checkpoints. Every ``cfg.eval_every`` steps both halves are voxelised and the half-map FSC (with
     ``truth``, the FSC of their average against it; with ``references``, the half-sets' own
     direct reconstructions, the cross-validated estimate of
     :func:`cryosplat.evaluate.cross_validated_fsc`) is recorded in the history; every
@@ -492,17 +624,20 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
         history.append(row)
         log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
 
+    lead = trainers[0].rank == 0
     losses = [float("nan")] * 2
-    while trainers[0].step < total:
-        losses = [t.train_step() for t in trainers]
+    for images in BatchStream(trainers, trainers[0].step, total, cfg.loader_workers):
+        losses = [t.train_step(x) for t, x in zip(trainers, images)]
         step = trainers[0].step
         trace.append([step, *losses])
+        if not lead:
+            continue
         if progress is not None:
             progress(2 * cfg.batch_size, losses)
         if step % cfg.eval_every == 0 or step == total:
             evaluate(losses)
         if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
             _save_checkpoint(checkpoint_path, trainers, history, trace, config or {})
-    if not history or history[-1]["step"] != total:
+    if lead and (not history or history[-1]["step"] != total):
         evaluate(losses)
     return trainers, history, trace

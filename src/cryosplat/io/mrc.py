@@ -1,4 +1,9 @@
-"""MRC/MRCS images and volumes with mrcfile: lazy, memory-mapped reading; atomic writing."""
+"""MRC/MRCS images and volumes with mrcfile: headers, lazy positioned reads, atomic writing.
+
+Particle images are read with ``os.pread`` from the byte offsets the header gives, never
+memory-mapped: a memory map leaves every page it touched in the process's resident set, so a
+pass over a large stack would look like (and be accounted as) the whole stack in memory.
+"""
 
 from __future__ import annotations
 
@@ -37,12 +42,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @dataclass(frozen=True)
 class MrcHeader:
-    """What the header of an MRC file says: `(nz, ny, nx)`, voxel size in Å, mode."""
+    """What the header of an MRC file says: `(nz, ny, nx)`, voxel size in Å, mode, and where
+    and how the data are stored (byte offset of the first value, numpy dtype with byte order)."""
 
     path: str
     shape: tuple[int, int, int]
     voxel_size_A: float
     mode: int
+    data_offset: int = 1024
+    dtype: str = "<f4"
 
 
 def read_header(path: str | Path) -> MrcHeader:
@@ -61,6 +69,8 @@ def read_header(path: str | Path) -> MrcHeader:
                 mode = int(h.mode)
                 vs = float(m.voxel_size.x)
                 extended = int(h.nsymbt)
+                dtype = mrcfile.utils.data_dtype_from_header(h).str if mode in READABLE_MODES \
+                    else ""
     except (ValueError, OSError) as e:
         raise InputError(path, f"not a readable MRC file ({e})") from None
     if mode not in READABLE_MODES:
@@ -74,17 +84,32 @@ def read_header(path: str | Path) -> MrcHeader:
         raise InputError(path, f"file is truncated: header promises {nx}x{ny}x{nz} "
                                f"{READABLE_MODES[mode]} values ({needed} bytes), file has "
                                f"{path.stat().st_size} bytes")
-    return MrcHeader(str(path), (nz, ny, nx), vs, mode)
+    return MrcHeader(str(path), (nz, ny, nx), vs, mode, 1024 + extended, dtype)
 
 
-def open_data(path: str | Path) -> np.ndarray:
-    """Memory-map the data block of an MRC file as `(nz, ny, nx)`, read-only."""
-    read_header(path)  # the clear errors
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        m = mrcfile.mmap(path, mode="r", permissive=True)
-    data = m.data
-    return data.reshape((1, *data.shape)) if data.ndim == 2 else data
+def read_slices(header: MrcHeader, slices: np.ndarray, fd: int) -> np.ndarray:
+    """Read 2D sections ``slices`` (sorted, 0-based) of an open MRC file: `(n, ny, nx)` float32.
+
+    Consecutive sections are read in one ``os.pread``; nothing is memory-mapped."""
+    _, ny, nx = header.shape
+    dtype = np.dtype(header.dtype)
+    size = ny * nx * dtype.itemsize
+    out = np.empty((len(slices), ny, nx), dtype=np.float32)
+    if len(slices) == 0:
+        return out
+    breaks = np.nonzero(np.diff(slices) != 1)[0] + 1
+    start = 0
+    for run in np.split(np.asarray(slices), breaks):
+        n = len(run)
+        offset = header.data_offset + int(run[0]) * size
+        buf = os.pread(fd, n * size, offset)
+        if len(buf) != n * size:
+            raise InputError(header.path, f"short read at section {int(run[0]) + 1} (1-based): "
+                                          f"{len(buf)} of {n * size} bytes; is the file truncated"
+                                          " or still being written?")
+        out[start:start + n] = np.frombuffer(buf, dtype=dtype).reshape(n, ny, nx)
+        start += n
+    return out
 
 
 @dataclass
@@ -92,8 +117,10 @@ class ImageSource:
     """Lazy access to particle images scattered over MRC stacks.
 
     ``files[file_index[i]]`` holds particle ``i`` at 0-based slice ``slice_index[i]``.
-    Nothing is read until :meth:`read`; then only the requested slices, memory-mapped.
-    With ``box_size`` smaller than the stored box the images are Fourier-cropped on read.
+    Nothing is read until :meth:`read`; then only the requested slices, with positioned reads
+    (safe to share across threads and forked DataLoader workers: each process opens its own
+    descriptors). With ``box_size`` smaller than the stored box the images are Fourier-cropped
+    on read.
     """
 
     files: list[str]
@@ -101,7 +128,8 @@ class ImageSource:
     slice_index: np.ndarray  # (N,) int, 0-based
     stored_box_size: int
     box_size: int
-    _maps: dict[int, np.ndarray] = field(default_factory=dict, repr=False)
+    _open: dict[int, tuple[MrcHeader, int]] = field(default_factory=dict, repr=False)
+    _pid: int = field(default=0, repr=False)
 
     def __len__(self) -> int:
         return len(self.slice_index)
@@ -130,10 +158,31 @@ class ImageSource:
                 raise InputError(f, f"particle index {bad + 1} (1-based) is beyond the stack, "
                                     f"which holds {nz} images")
 
-    def _data(self, k: int) -> np.ndarray:
-        if k not in self._maps:
-            self._maps[k] = open_data(self.files[k])
-        return self._maps[k]
+    def _file(self, k: int) -> tuple[MrcHeader, int]:
+        """Header and descriptor of stack ``k``, opened once per process."""
+        if self._pid != os.getpid():  # a forked worker: never share the parent's descriptors
+            self._open, self._pid = {}, os.getpid()
+        if k not in self._open:
+            h = read_header(self.files[k])
+            self._open[k] = (h, os.open(self.files[k], os.O_RDONLY))
+        return self._open[k]
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for _, fd in self._open.values():
+                os.close(fd)
+        self._open = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __getstate__(self):  # pickled into spawned workers without descriptors
+        state = dict(self.__dict__)
+        state["_open"], state["_pid"] = {}, 0
+        return state
 
     def read(self, indices: Iterable[int] | np.ndarray) -> np.ndarray:
         """Read particles ``indices`` as `(n, D, D)` float32 (D = ``box_size``)."""
@@ -143,16 +192,18 @@ class ImageSource:
         fidx = self.file_index[indices]
         for k in np.unique(fidx):
             rows = np.nonzero(fidx == k)[0]
-            data = self._data(int(k))
+            header, fd = self._file(int(k))
+            nz, ny, nx = header.shape
             sl = self.slice_index[indices[rows]]
-            if data.shape[-1] != d0 or data.shape[-2] != d0:
-                raise InputError(self.files[k], f"images are {data.shape[-1]} x {data.shape[-2]}"
-                                                f" pixels; expected {d0} x {d0}")
-            if sl.max() >= data.shape[0]:
-                raise InputError(self.files[k], f"particle index {int(sl.max()) + 1} (1-based) is"
-                                                f" beyond the stack, which holds {data.shape[0]}")
+            if nx != d0 or ny != d0:
+                raise InputError(self.files[k], f"images are {nx} x {ny} pixels; expected "
+                                                f"{d0} x {d0}")
+            if sl.max() >= nz or sl.min() < 0:
+                bad = int(sl.max() if sl.max() >= nz else sl.min())
+                raise InputError(self.files[k], f"particle index {bad + 1} (1-based) is beyond "
+                                                f"the stack, which holds {nz}")
             order = np.argsort(sl, kind="stable")
-            block = np.asarray(data[sl[order]], dtype=np.float32)
+            block = read_slices(header, sl[order], fd)
             finite = np.isfinite(block.reshape(len(sl), -1)).all(axis=1)
             if not finite.all():
                 bad = int(sl[order][np.argmin(finite)])
@@ -243,7 +294,11 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, float]:
     if len(set(h.shape)) != 1:
         raise InputError(path, f"map is {h.shape[2]} x {h.shape[1]} x {h.shape[0]} voxels; "
                                "expected a cubic map")
-    data = np.array(open_data(path), dtype=np.float32)  # a writable copy
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        data = read_slices(h, np.arange(h.shape[0]), fd)
+    finally:
+        os.close(fd)
     if not np.isfinite(data).all():
         raise InputError(path, "map holds NaN or Inf voxels")
     return data, h.voxel_size_A
