@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from cryosplat.errors import InputError
+from cryosplat.errors import InputError, StageError
 from cryosplat.report import describe_cross_validated
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -67,7 +67,7 @@ def info(
 
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size)
     if check_images:
-        p.images.check()
+        p.check_images()
     summary = summarise(p)
     if as_json:
         print(json.dumps(summary, indent=2))
@@ -107,7 +107,7 @@ def validation_checks(p) -> list[dict]:
         checks.append({"check": name, "status": status, "detail": detail})
 
     try:
-        p.images.check()
+        p.check_images()
         add("image stacks", "ok", f"{len(p.images.files)} stack(s), every index within its "
                                   f"stack, {p.box_size} x {p.box_size} px")
     except InputError as e:
@@ -252,7 +252,7 @@ def downsample(
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size,
                        box_size=box, max_particles=max_particles, invert=invert)
     p.require_single_pixel_size()
-    p.images.check()
+    p.check_images()
     prepare_out_dir(out, force)
     with progress_bar() as bar:
         task = bar.add_task("writing particles", total=len(p))
@@ -363,7 +363,7 @@ def run_backprojection(p, out: Path, half: np.ndarray, truth: Optional[Path] = N
     for name, vol in (("map", result.map), ("half_map_1", result.half_map_1),
                       ("half_map_2", result.half_map_2)):
         if not torch.isfinite(vol).all():
-            raise RuntimeError(f"backprojection stage: NaN/Inf in {name}")
+            raise StageError("backprojection", f"NaN/Inf in {name}")
         write_volume(out / f"{name}.mrc", vol, pix)
     d = p.box_size
     curves, res = fsc_report(
@@ -398,7 +398,7 @@ def backproject(
 
     p = read_particles(particles, datadir=datadir, poses=poses, ctf=ctf, pixel_size_A=pixel_size,
                        box_size=box, max_particles=max_particles, invert=invert)
-    p.require_poses(), p.require_ctf(), p.images.check()
+    p.require_poses(), p.require_ctf(), p.check_images()
     from cryosplat.reconstruct import assign_half_sets
 
     prepare_out_dir(out, force)
@@ -560,7 +560,8 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
     full = (v1 + v2) / 2
     for name, vol in (("map", full), ("half_map_1", v1), ("half_map_2", v2)):
         if not torch.isfinite(vol).all():
-            raise RuntimeError(f"output stage: NaN/Inf in {name}")
+            raise StageError("output", f"NaN/Inf in {name}; the mixtures' checkpoint is "
+                                       f"{out / 'checkpoint.pt'}")
         write_volume(out / f"{name}.mrc", vol, pix)
     for i, t in enumerate(trainers, 1):
         model = t.model.cpu()
@@ -687,7 +688,10 @@ def reconstruct(
     p = read_particles(config["particles"], datadir=config["datadir"], poses=config["poses"],
                        ctf=config["ctf"], pixel_size_A=config["pixel_size"], box_size=config["box"],
                        max_particles=config["max_particles"], invert=config["invert"])
-    p.require_poses(), p.require_ctf(), p.images.check()
+    p.require_poses(), p.require_ctf(), p.check_images()
+    from cryosplat.reconstruct import assign_half_sets, check_batch_size
+
+    check_batch_size(p, assign_half_sets(p, cfg.seed), cfg)
     if state is None and lead:
         prepare_out_dir(out, force)
         (out / "config.json").write_text(json.dumps(config, indent=2))
@@ -782,13 +786,26 @@ def main() -> None:
         sys.exit(2)
     except (typer.Exit, SystemExit) as e:
         sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except typer.Abort:
+    except StageError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
         err_console.print("aborted")
         sys.exit(130)
-    except Exception as e:  # click usage errors
-        import click
+    except OSError as e:  # a full disk, a folder we may not write, a file that went away
+        import errno
 
-        if isinstance(e, click.ClickException):
+        where = f"{e.filename}: " if e.filename else ""
+        msg = f"{where}{e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg += ("; files being written were left under temporary names and removed, and "
+                    "what was written before (the last checkpoint) is intact")
+        err_console.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except Exception as e:  # usage errors of typer's click
+        click_error = next(c for c in typer.BadParameter.__mro__
+                           if c.__name__ == "ClickException")
+        if isinstance(e, click_error):
             e.show()
             sys.exit(e.exit_code)
         raise

@@ -3,6 +3,8 @@ expected and what was found. The command line prints it without a traceback."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -11,5 +13,35 @@ class InputError(ValueError):
 
     def __init__(self, source: str | Path | None, message: str):
         self.source = str(source) if source is not None else None
+        self.message = " ".join(str(message).split())  # one line, whatever a library said
+        super().__init__(f"{self.source}: {self.message}" if self.source else self.message)
+
+    def __reduce__(self):  # survives pickling, e.g. from a DataLoader worker
+        return (type(self), (self.source, self.message))
+
+
+class StageError(RuntimeError):
+    """A run that went wrong in one of its stages (NaN or Inf reaching a loss or a map, a
+    device that is not there). The command line prints it as one line naming the stage."""
+
+    def __init__(self, stage: str, message: str):
+        self.stage = stage
         self.message = message
-        super().__init__(f"{self.source}: {message}" if self.source else message)
+        super().__init__(f"{stage} stage: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.stage, self.message))
+
+
+@contextmanager
+def malformed(source: str | Path, what: str) -> Iterator[None]:
+    """Turn a parsing failure deep inside a reader (a library's ValueError on a corrupted
+    file, a field of the wrong type or shape) into an InputError naming the file and what the
+    library said. Our own InputErrors pass through unchanged."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError,
+            EOFError) as e:
+        raise InputError(source, f"malformed {what} ({type(e).__name__}: {e})") from None

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from cryosplat import geometry
 from cryosplat.ctf import ctf_rfft
+from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc
 from cryosplat.gmm import softplus_inverse
 from cryosplat.io.particles import Particles
@@ -210,7 +211,9 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda", "auto"):
         raise ValueError(f"--device {name!r}: expected cpu, cuda or auto")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch finds no CUDA device (torch "
+        from cryosplat.errors import StageError
+
+        raise StageError("device", "--device cuda: torch finds no CUDA device (torch "
                            f"{torch.__version__}, built for CUDA {torch.version.cuda})")
     if name == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
@@ -317,15 +320,21 @@ class _StepImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.last - self.first
 
-    def __getitem__(self, i: int) -> list[torch.Tensor]:
+    def __getitem__(self, i: int) -> list[torch.Tensor] | InputError:
         step = self.first + i
-        return [self.p.read_images(batch_indices(*sel, step)[self.rank::self.world])
-                for sel in self.selectors]
+        try:
+            return [self.p.read_images(batch_indices(*sel, step)[self.rank::self.world])
+                    for sel in self.selectors]
+        except InputError as e:  # handed to the training loop as it is (see BatchStream)
+            return e
 
 
 class BatchStream:
     """Iterate over the images of steps ``[first_step, last_step)`` for each trainer, read
-    ahead by ``workers`` DataLoader processes (0: read in this process, on demand)."""
+    ahead by ``workers`` DataLoader processes (0: read in this process, on demand).
+
+    A bad image (NaN pixels, a truncated stack) raises the reader's own InputError here, not
+    the DataLoader's wrapped RuntimeError with a worker's traceback."""
 
     def __init__(self, trainers: list["HalfSetTrainer"], first_step: int, last_step: int,
                  workers: int = 1, prefetch: int = 2):
@@ -337,7 +346,10 @@ class BatchStream:
             pin_memory=trainers[0].device.type == "cuda", **kw)
 
     def __iter__(self):
-        return iter(self.loader)
+        for item in self.loader:
+            if isinstance(item, InputError):
+                raise item
+            yield item
 
 
 class HalfSetTrainer:
@@ -425,6 +437,11 @@ class HalfSetTrainer:
         data, model = self._images(self.local_batch(0))
         sums = all_reduce_sum(torch.stack([(model * data).sum(), (model * model).sum()]).double())
         scale = float(sums[0] / sums[1].clamp_min(1e-30))
+        if not np.isfinite(scale):
+            from cryosplat.errors import StageError
+
+            raise StageError("calibration", f"half-set {self.half}: the first batch's images or "
+                                            f"render hold NaN/Inf (amplitude scale {scale})")
         if not scale > 0:
             from cryosplat.errors import InputError
 
@@ -513,8 +530,10 @@ class HalfSetTrainer:
                 p.grad.copy_(flat[off:off + p.numel()].reshape(p.shape))
                 off += p.numel()
         if not torch.isfinite(loss):
-            raise RuntimeError(f"half-set {self.half}: the loss became {float(loss)} at step "
-                               f"{self.step} (training stage); lower the learning rates")
+            from cryosplat.errors import StageError
+
+            raise StageError("training", f"half-set {self.half}: the loss became {float(loss)} "
+                                         f"at step {self.step}; lower the learning rates")
         if self.cfg.densify:
             self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
@@ -545,6 +564,15 @@ class HalfSetTrainer:
     @torch.no_grad()
     def volume(self) -> torch.Tensor:
         return self.model.voxelise(self.d, self.pix, n_sigma=self.cfg.n_sigma).cpu()
+
+
+def check_batch_size(particles: Particles, half_set: np.ndarray, cfg: TrainConfig) -> None:
+    """Each half-set must hold a batch, and a batch one particle per rank."""
+    sizes = [int((half_set == h).sum()) for h in (1, 2)]
+    if min(sizes) < cfg.batch_size:
+        raise InputError(particles.source, f"each half-set needs at least --batch "
+                                           f"{cfg.batch_size} particles; they hold {sizes[0]} "
+                                           f"and {sizes[1]}")
 
 
 def total_steps(half_set: np.ndarray, cfg: TrainConfig) -> int:
@@ -588,10 +616,8 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
 
     from cryosplat.evaluate import cross_validated_fsc, cross_validated_resolution, resolution_A
 
+    check_batch_size(particles, half_set, cfg)
     halves = [np.nonzero(half_set == h)[0] for h in (1, 2)]
-    if min(len(h) for h in halves) < cfg.batch_size:
-        raise ValueError(f"each half-set needs at least --batch {cfg.batch_size} particles; "
-                         f"they hold {len(halves[0])} and {len(halves[1])}")
     total = total_steps(half_set, cfg)
     trainers = [HalfSetTrainer(particles, idx, cfg, h + 1, total, device)
                 for h, idx in enumerate(halves)]

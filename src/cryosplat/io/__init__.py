@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from cryosplat.errors import InputError
+from cryosplat.errors import InputError, malformed
 from cryosplat.io.cryodrgn import read_cryodrgn
 from cryosplat.io.cryosparc import read_cs
 from cryosplat.io.mrc import read_volume, write_volume
@@ -32,11 +32,14 @@ def read_particles(path: str | Path, datadir: str | Path | None = None,
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".star":
-        particles = read_star(path, datadir, pixel_size_A)
+        with malformed(path, "RELION STAR file"):
+            particles = read_star(path, datadir, pixel_size_A)
     elif suffix == ".cs":
-        particles = read_cs(path, datadir)
+        with malformed(path, "cryoSPARC .cs file"):
+            particles = read_cs(path, datadir)
     elif suffix in (".mrcs", ".mrc"):
-        particles = read_cryodrgn(path, poses, ctf, pixel_size_A)
+        with malformed(path, "stack or cryoDRGN pkl"):
+            particles = read_cryodrgn(path, poses, ctf, pixel_size_A)
     else:
         raise InputError(path, f"unknown particle file type {suffix!r}; expected .star, .cs or "
                                ".mrcs (with --poses/--ctf cryoDRGN pkls)")

@@ -117,6 +117,27 @@ class Particles:
                                           " this step needs one pixel size")
         return float(self.pixel_size_A[0])
 
+    def check_images(self) -> None:
+        """Check every stack (headers, sizes, indices; no pixel data) and that each stack's
+        header pixel size, where it gives one, agrees with the metadata to 1%. Headers of 0 or
+        exactly 1.0 Å are taken as unset: both are what writers leave when they know none,
+        and RELION itself uses the STAR file's value."""
+        from cryosplat.io.mrc import read_header
+
+        self.images.check()
+        to_stored = self.images.box_size / self.images.stored_box_size
+        for k, f in enumerate(self.images.files):
+            sel = torch.from_numpy(self.images.file_index == k)
+            if not bool(sel.any()):
+                continue
+            header = read_header(f).voxel_size_A
+            for pix in sorted({round(float(x) * to_stored, 6) for x in self.pixel_size_A[sel]}):
+                unset = header <= 0 or header == 1.0
+                if not unset and abs(header - pix) > 0.01 * pix:
+                    raise InputError(f, f"header pixel size {header:g} Å disagrees with "
+                                        f"{pix:g} Å in {self.source}; one of them is wrong: fix "
+                                        "the header or the metadata")
+
     def read_images(self, indices) -> torch.Tensor:
         """Images of particles ``indices``: `(n, D, D)` float32 tensor (negated if ``invert``)."""
         images = torch.from_numpy(self.images.read(np.asarray(indices)))
