@@ -295,9 +295,17 @@ def simulate(
     with progress_bar() as bar:
         task = bar.add_task("simulating", total=particles)
         result = simulate_dataset(structure, out, cfg, progress=lambda k: bar.advance(task, k))
-    (out / "simulation.json").write_text(json.dumps({**vars(cfg), **result}, indent=2))
+    write_json(out / "simulation.json", {**vars(cfg), **result})
     console.print(f"wrote {particles} particles: {result['particles']}")
     console.print(f"ground truth: {result['ground_truth']}")
+
+
+def write_json(path: Path, obj) -> None:
+    """JSON written to a temporary name and renamed: a crash never leaves half a file."""
+    from cryosplat.io.mrc import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2), encoding="utf-8")
 
 
 def read_map_like(path: Path, box_size: int, voxel_size_A: float, what: str) -> torch.Tensor:
@@ -373,7 +381,7 @@ def run_backprojection(p, out: Path, half: np.ndarray, truth: Optional[Path] = N
     write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix, "direct Fourier inversion")
     summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
                **headline_resolutions(res)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     return summary, result
 
 
@@ -601,7 +609,7 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
                **cv_fields, "history": history}
     if baseline is not None:
         summary["backprojection"] = baseline[0]
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     summary["report"] = str(write_report(out, summary, config))
     cv = f"; cross-validated {describe_cross_validated(summary)}" if cv_fields else ""
     log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å{cv}; report {summary['report']}")
@@ -694,7 +702,7 @@ def reconstruct(
     check_batch_size(p, assign_half_sets(p, cfg.seed), cfg)
     if state is None and lead:
         prepare_out_dir(out, force)
-        (out / "config.json").write_text(json.dumps(config, indent=2))
+        write_json(out / "config.json", config)
     barrier()
     t = config["truth"]
     m = config["mask"]
@@ -755,7 +763,7 @@ def demo(
     config = {"particles": sim["particles"], "datadir": None, "poses": None, "ctf": None,
               "pixel_size": None, "box": None, "max_particles": None, "invert": False,
               "truth": str(truth), "mask": None, "device": device, "train": asdict(tcfg)}
-    (rec / "config.json").write_text(json.dumps(config, indent=2))
+    write_json(rec / "config.json", config)
     s = run_reconstruction(p, rec, tcfg, device, truth, None, config,
                            baseline=(bp, (bp_result.half_map_1, bp_result.half_map_2)))
     table = Table("", "half-maps 0.143 (Å)", "cross-validated 0.5 (Å)", "vs truth 0.143 (Å)",
