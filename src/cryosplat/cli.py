@@ -766,7 +766,7 @@ def demo(
     write_json(rec / "config.json", config)
     s = run_reconstruction(p, rec, tcfg, device, truth, None, config,
                            baseline=(bp, (bp_result.half_map_1, bp_result.half_map_2)))
-    table = Table("", "half-maps 0.143 (Å)", "cross-validated 0.5 (Å)", "vs truth 0.143 (Å)",
+    table = Table("", "half-maps 0.143 (Å)", "cross-val. 0.5 (Å)", "vs truth 0.143 (Å)",
                   "vs truth 0.5 (Å)")
     cv = s["cross_validated_resolution_A"]
     for name, r, c in (("Gaussian mixture", s, f"{'≤ ' if s['cross_validated_is_limit'] else ''}"
