@@ -586,9 +586,8 @@ def run_reconstruction(p, out: Path, cfg, device: str, truth: Optional[Path], ma
         curves = {**curves, **cv_curves}
     labels = {}
     if cv_fields:
-        r = cv_fields["cross_validated_resolution_A"]
-        more = " or better" if cv_fields["cross_validated_is_limit"] else ""
-        labels = {n: f"{n}: {r:.2f} Å{more} at 0.5" for n in cv_curves if "cross-validated" in n}
+        phrase = describe_cross_validated(cv_fields, short=True)
+        labels = {n: f"{n}: {phrase} at 0.5" for n in cv_curves if "cross-validated" in n}
         labels.update({n: n for n in cv_curves if "cross-validated" not in n})
     write_fsc(out / "fsc.csv", out / "fsc.png", curves, p.box_size, pix,
               f"Gaussian mixture, {cfg.n_gaussians} per half-set", labels=labels,

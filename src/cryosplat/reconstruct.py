@@ -280,12 +280,16 @@ def radial_shells_2d(box_size: int, device=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------
 
 
+def steps_per_epoch(n_particles: int, batch_size: int) -> int:
+    """Full batches in one pass over a half-set of ``n_particles`` (at least 1)."""
+    return max(1, n_particles // batch_size)
+
+
 def batch_indices(indices: np.ndarray, batch_size: int, seed: int, half: int,
                   step: int) -> np.ndarray:
     """The particles of a half-set's global batch ``step``: a permutation per epoch drawn from
     ``(seed, half, epoch)``, so a resumed or parallel run sees exactly the same batches."""
-    spe = max(1, len(indices) // batch_size)
-    epoch, j = divmod(step, spe)
+    epoch, j = divmod(step, steps_per_epoch(len(indices), batch_size))
     perm = np.random.default_rng([seed, half, epoch]).permutation(len(indices))
     return indices[np.sort(perm[j * batch_size:(j + 1) * batch_size])]
 
@@ -383,8 +387,6 @@ class HalfSetTrainer:
         self.shells = radial_shells_2d(self.d, device)
         self.noise_power: torch.Tensor | None = None  # per shell, for loss="fourier"
         self.rank, self.world = rank_and_world()
-        if cfg.batch_size < self.world:
-            raise ValueError(f"--batch {cfg.batch_size} is smaller than the {self.world} ranks")
 
     def batch(self, step: int) -> np.ndarray:
         """The global batch of ``step`` (all ranks' particles)."""
@@ -518,7 +520,8 @@ class HalfSetTrainer:
         decay = self.cfg.lr_final_fraction ** frac
         for grp, base in zip(self.optimizer.param_groups, self.base_lrs):
             grp["lr"] = base * decay
-        loss = self._loss(self.local_batch(self.step), len(self.batch(self.step)), data)
+        batch = self.batch(self.step)
+        loss = self._loss(batch[self.rank::self.world], len(batch), data)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -573,11 +576,15 @@ def check_batch_size(particles: Particles, half_set: np.ndarray, cfg: TrainConfi
         raise InputError(particles.source, f"each half-set needs at least --batch "
                                            f"{cfg.batch_size} particles; they hold {sizes[0]} "
                                            f"and {sizes[1]}")
+    world = rank_and_world()[1]
+    if cfg.batch_size < world:
+        raise InputError(None, f"--batch {cfg.batch_size} is smaller than the {world} processes: "
+                               "each needs at least one particle of every batch")
 
 
 def total_steps(half_set: np.ndarray, cfg: TrainConfig) -> int:
     """Steps of a run: ``epochs`` passes over the larger half-set (both halves step together)."""
-    spe = max(max(1, int((half_set == h).sum()) // cfg.batch_size) for h in (1, 2))
+    spe = max(steps_per_epoch(int((half_set == h).sum()), cfg.batch_size) for h in (1, 2))
     return max(1, int(round(cfg.epochs * spe)))
 
 

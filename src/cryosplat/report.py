@@ -22,13 +22,16 @@ HALF_MAP_CAUTION = (
     "shares none of that error: report it, not the half-map figure (docs/reconstruct.md).")
 
 
-def describe_cross_validated(summary: dict) -> str:
-    """One phrase for the cross-validated resolution of a reconstruction summary."""
+def describe_cross_validated(summary: dict, short: bool = False) -> str:
+    """One phrase for the cross-validated resolution of a reconstruction summary (``short``:
+    without the explanation of a limit, for plot legends)."""
     r = summary["cross_validated_resolution_A"]
-    if summary["cross_validated_is_limit"]:
-        return (f"{r:.2f} Å or better (the estimate stays above 0.5 as far as the half-sets' "
-                f"direct maps have signal)")
-    return f"{r:.2f} Å"
+    if not summary["cross_validated_is_limit"]:
+        return f"{r:.2f} Å"
+    if short:
+        return f"{r:.2f} Å or better"
+    return (f"{r:.2f} Å or better (the estimate stays above 0.5 as far as the half-sets' "
+            f"direct maps have signal)")
 
 
 def _plt():

@@ -142,10 +142,13 @@ class ImageSource:
         return ImageSource(self.files, self.file_index, self.slice_index,
                            self.stored_box_size, box_size)
 
-    def check(self) -> None:
-        """Check every stack's header and every index without reading pixel data."""
+    def check(self) -> list[MrcHeader]:
+        """Check every stack's header and every index without reading pixel data; return the
+        headers, one per file."""
+        headers = []
         for k, f in enumerate(self.files):
             h = read_header(f)
+            headers.append(h)
             nz, ny, nx = h.shape
             if ny != nx:
                 raise InputError(f, f"images are {nx} x {ny} pixels; expected square images")
@@ -157,6 +160,7 @@ class ImageSource:
                 bad = int(used.max() if used.max() >= nz else used.min())
                 raise InputError(f, f"particle index {bad + 1} (1-based) is beyond the stack, "
                                     f"which holds {nz} images")
+        return headers
 
     def _file(self, k: int) -> tuple[MrcHeader, int]:
         """Header and descriptor of stack ``k``, opened once per process."""

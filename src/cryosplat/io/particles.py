@@ -122,15 +122,13 @@ class Particles:
         header pixel size, where it gives one, agrees with the metadata to 1%. Headers of 0 or
         exactly 1.0 Å are taken as unset: both are what writers leave when they know none,
         and RELION itself uses the STAR file's value."""
-        from cryosplat.io.mrc import read_header
-
-        self.images.check()
+        headers = self.images.check()
         to_stored = self.images.box_size / self.images.stored_box_size
-        for k, f in enumerate(self.images.files):
+        for k, (f, h) in enumerate(zip(self.images.files, headers)):
             sel = torch.from_numpy(self.images.file_index == k)
             if not bool(sel.any()):
                 continue
-            header = read_header(f).voxel_size_A
+            header = h.voxel_size_A
             for pix in sorted({round(float(x) * to_stored, 6) for x in self.pixel_size_A[sel]}):
                 unset = header <= 0 or header == 1.0
                 if not unset and abs(header - pix) > 0.01 * pix:
