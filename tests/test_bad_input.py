@@ -210,6 +210,12 @@ def _batch_larger_than_half_set(tmp):
         "each half-set needs at least --batch 32 particles"
 
 
+def _negative_particle_diameter(tmp):
+    p = star_dataset(tmp)
+    return ["reconstruct", p, "--out", tmp / "o", "--no-validate", "--batch", 4,
+            "--particle-diameter", -80], "--particle-diameter -80"
+
+
 def _no_poses_for_reconstruct(tmp):
     p = star_dataset(tmp)
     edit_star(p, "particles", lambda d: d.drop(columns=["rlnAngleRot", "rlnAngleTilt",
@@ -323,7 +329,8 @@ CASES = [_missing_star, _empty_star, _garbage_star, _no_image_name, _zero_rows,
          _unknown_optics_group, _optics_without_pixel, _nan_defocus, _text_in_numeric_column,
          _half_origin, _bad_random_subset, _bad_image_name, _index_beyond_stack, _missing_stack,
          _empty_stack, _truncated_stack, _unreadable_mode, _non_square, _mismatched_box,
-         _pixel_size_disagrees, _nan_pixels, _inf_pixels, _batch_larger_than_half_set, _no_poses_for_reconstruct,
+         _pixel_size_disagrees, _nan_pixels, _inf_pixels, _batch_larger_than_half_set, _negative_particle_diameter,
+         _no_poses_for_reconstruct,
          _cs_without_pose, _cs_without_path, _cs_not_structured, _pkl_of_objects,
          _malicious_pkl, _poses_count_mismatch, _ctf_wrong_shape, _unknown_extension,
          _mask_out_of_range, _truth_other_grid, _non_cubic_map, _resume_not_a_run,

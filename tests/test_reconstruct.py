@@ -105,7 +105,7 @@ def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
     assert r.returncode == 0, r.stderr
     args = ["reconstruct", tmp_path / "sim" / "particles.star", "--out", tmp_path / "rec",
             "--gaussians", 40, "--epochs", 2, "--checkpoint-every", 2, "--device", "cpu",
-            "--truth", tmp_path / "sim" / "ground_truth.mrc"]
+            "--truth", tmp_path / "sim" / "ground_truth.mrc", "--particle-diameter", 70]
     r = run(*args)
     assert r.returncode == 0, r.stderr
     rec = tmp_path / "rec"
@@ -119,6 +119,7 @@ def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
         assert np.isfinite(m.data).all()
     s = json.loads((rec / "summary.json").read_text())
     assert s["steps"] == 4 and "map vs truth" in s["resolutions_A"]
+    assert json.loads((rec / "config.json").read_text())["train"]["support_radius_A"] == 35
     # cross-validation against the half-sets' direct maps, made first and kept
     assert s["cross_validated_resolution_A"] >= 2 * 4.0
     assert (rec / "backprojection" / "half_map_2.mrc").stat().st_size > 0
@@ -152,3 +153,41 @@ def test_densify_and_prune_keep_training_and_resume(tiny, tmp_path):
     for a, b in zip(ref, resumed):
         assert len(a.model) == len(b.model)
         assert torch.allclose(a.model.means_A, b.model.means_A, atol=1e-4)
+
+
+def test_support_sphere_replaces_gaussians_that_leave_it(tiny):
+    """``support_radius_A``: a Gaussian whose centre leaves the sphere is removed and an
+    in-support one split, so a fixed count holds and every centre ends inside; mass moved
+    outside by hand is taken back within one round."""
+    from cryosplat.reconstruct import HalfSetTrainer
+
+    p, _ = tiny
+    half = assign_half_sets(p, 0)
+    radius = 20.0  # Å; the box is 96 Å wide, the random start fills a 28.8 Å ball without it
+    cfg = TrainConfig(n_gaussians=60, epochs=2, eval_every=1000, checkpoint_every=1000,
+                      seed=3, support_radius_A=radius, densify_every=2)
+    t = HalfSetTrainer(p, np.nonzero(half == 1)[0], cfg, 1, 20, torch.device("cpu"))
+    assert t.model.means_A.norm(dim=-1).max() <= radius  # starts inside the support
+    for _ in range(4):
+        t.train_step()
+    with torch.no_grad():  # throw five Gaussians far out, as floaters
+        t.model.means_A[:5] = torch.tensor([40.0, 0.0, 0.0])
+    r = t.model.means_A.detach().norm(dim=-1)
+    outside = int((r > radius).sum())  # the five, and any split child drawn past the edge
+    assert outside >= 5
+    inside_before = t.model.means_A.detach()[r <= radius].clone()
+    split, removed = t.densify_and_prune()
+    assert (split, removed) == (outside, outside)
+    assert len(t.model) == 60
+    r = t.model.means_A.detach().norm(dim=-1)
+    assert r.max() <= radius + 4 * t.model.scales_A.max()  # children are drawn near parents
+    assert (r > 39).sum() == 0
+    # the survivors that were not split are kept as they were, first and in order
+    kept = t.model.means_A.detach()[:60 - 2 * split]
+    assert all(torch.isclose(inside_before, k).all(-1).any() for k in kept)
+    # without a support, nothing is removed and a fixed count skips the round
+    free = TrainConfig(n_gaussians=60, epochs=2, seed=3)
+    u = HalfSetTrainer(p, np.nonzero(half == 1)[0], free, 1, 20, torch.device("cpu"))
+    with torch.no_grad():
+        u.model.means_A[:5] = torch.tensor([40.0, 0.0, 0.0])
+    assert u.densify_and_prune() == (0, 0) and len(u.model) == 60

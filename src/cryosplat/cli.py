@@ -630,6 +630,9 @@ def reconstruct(
                                                                  "--gaussians)"),
     loss: str = typer.Option("real", "--loss", help="real: real-space MSE (the paper's); fourier:"
                                                     " residual whitened per Fourier shell"),
+    particle_diameter: float = typer.Option(0.0, "--particle-diameter", help="Å, as in RELION: "
+                                            "Gaussians whose centre leaves this sphere are "
+                                            "replaced by splits of the ones inside (0: no limit)"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     seed: int = typer.Option(0, "--seed", help="Initialisation, batch order and half-set split"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="Steps between checkpoints"),
@@ -683,8 +686,12 @@ def reconstruct(
             raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
         if loss not in ("real", "fourier"):
             raise InputError(None, f"--loss {loss}: expected real or fourier")
+        if not particle_diameter >= 0:
+            raise InputError(None, f"--particle-diameter {particle_diameter:g}: expected a "
+                                   "diameter in Å, or 0 for no limit")
         cfg = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs, lr_means_px=lr,
                           loss=loss, densify=densify, max_gaussians=max_gaussians,
+                          support_radius_A=particle_diameter / 2,
                           checkpoint_every=checkpoint_every, seed=seed, loader_workers=workers)
         config = {"particles": str(particles.resolve()), "datadir": datadir and str(datadir),
                   "poses": poses and str(poses), "ctf": ctf and str(ctf), "pixel_size": pixel_size,

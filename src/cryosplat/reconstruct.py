@@ -197,6 +197,8 @@ class TrainConfig:
     densify_fraction: float = 0.05  # share of Gaussians split per round (largest gradients)
     max_gaussians: int = 0  # cap with densify; 0 = 4 x n_gaussians
     prune_below: float = 0.01  # prune amplitudes below this x the median amplitude
+    support_radius_A: float = 0.0  # Gaussians whose centre leaves this sphere are replaced
+    # (by splits of in-support ones, so the count holds); 0 = unconstrained
     eval_every: int = 50  # steps between FSC evaluations (and log lines)
     checkpoint_every: int = 50  # steps between checkpoints
     seed: int = 0
@@ -375,9 +377,11 @@ class HalfSetTrainer:
         self.rotations = particles.require_poses().float()
         self.ctf = particles.require_ctf()
         g = torch.Generator().manual_seed(cfg.seed * 1000 + half)
-        self.model = GaussianMixture.random(cfg.n_gaussians, cfg.init_radius_fraction * self.d
-                                            * self.pix, cfg.init_scale_px * self.pix,
-                                            generator=g).to(device)
+        init_radius_A = cfg.init_radius_fraction * self.d * self.pix
+        if cfg.support_radius_A > 0:
+            init_radius_A = min(init_radius_A, cfg.support_radius_A)
+        self.model = GaussianMixture.random(cfg.n_gaussians, init_radius_A,
+                                            cfg.init_scale_px * self.pix, generator=g).to(device)
         self.lr_means = cfg.lr_means_px * self.pix
         self.base_lrs = [self.lr_means, cfg.lr_scales, cfg.lr_rotations, cfg.lr_amplitudes]
         self.optimizer = self._adam()
@@ -485,14 +489,33 @@ class HalfSetTrainer:
 
     @torch.no_grad()
     def densify_and_prune(self) -> tuple[int, int]:
-        """Prune Gaussians whose amplitude fell below ``prune_below`` x the median; split the
-        ``densify_fraction`` with the largest accumulated mean-gradient norm into two, drawn
-        from the parent (seeded), scales / 1.6, amplitude halved each. Returns (split, pruned)."""
+        """One round of adaptive density control; returns (split, removed).
+
+        Removed: Gaussians whose amplitude fell below ``prune_below`` x the median (with
+        ``densify``) and those whose centre left the support sphere (``support_radius_A``).
+        Split: the in-support Gaussians with the largest accumulated mean-gradient norm, each
+        into two drawn from the parent (seeded), scales / 1.6, amplitude halved. How many:
+        with ``densify``, during the first ``densify_until`` of the run, ``densify_fraction``
+        of the count (up to the cap); with a support, at least as many as were removed, so the
+        support never lowers the count.
+        """
         cfg, m = self.cfg, self.model
-        cap = cfg.max_gaussians or 4 * cfg.n_gaussians
         amp = m.amplitudes
-        alive = amp > cfg.prune_below * amp.median()
-        n_split = min(int(cfg.densify_fraction * len(m)), max(0, cap - int(alive.sum())))
+        alive = torch.ones_like(amp, dtype=torch.bool)
+        if cfg.densify:
+            alive &= amp > cfg.prune_below * amp.median()
+        if cfg.support_radius_A > 0:
+            alive &= m.means_A.norm(dim=-1) <= cfg.support_radius_A
+        n_removed = int((~alive).sum())
+        growing = cfg.densify and self.step < cfg.densify_until * self.total_steps
+        n_split = n_removed if cfg.support_radius_A > 0 or not growing else 0
+        if growing:  # grow by a share of the count, up to the cap
+            cap = cfg.max_gaussians or 4 * cfg.n_gaussians
+            n_split = max(n_split, min(int(cfg.densify_fraction * len(m)),
+                                       max(0, cap - int(alive.sum()))))
+        n_split = min(n_split, int(alive.sum()))
+        if n_removed == 0 and n_split == 0:
+            return 0, 0
         score = torch.where(alive, self.grad_accum, -1.0)
         split = torch.topk(score, n_split).indices if n_split > 0 else score.new_zeros(0).long()
         keep = alive.clone()
@@ -509,7 +532,7 @@ class HalfSetTrainer:
         half_amp = amp[split] / 2 / m.amplitude_unit
         new["raw_amplitudes"] = softplus_inverse(half_amp).repeat(2)
         self._rebuild(keep, new)
-        return n_split, int((~alive).sum())
+        return n_split, n_removed
 
     def train_step(self, data: torch.Tensor | None = None) -> float:
         """One Adam step on the global batch of ``self.step`` (``data``: this rank's images of
@@ -535,14 +558,15 @@ class HalfSetTrainer:
         if not torch.isfinite(loss):
             from cryosplat.errors import StageError
 
-            raise StageError("training", f"half-set {self.half}: the loss became {float(loss)} "
+            raise StageError("training", f"half-set {self.half}: the loss became {float(loss.detach())} "
                                          f"at step {self.step}; lower the learning rates")
-        if self.cfg.densify:
+        if self.cfg.densify or self.cfg.support_radius_A > 0:
             self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
         self.step += 1
-        if (self.cfg.densify and self.step % self.cfg.densify_every == 0
-                and self.step < self.cfg.densify_until * self.total_steps):
+        if self.step % self.cfg.densify_every == 0 and (
+                self.cfg.support_radius_A > 0 or (
+                    self.cfg.densify and self.step < self.cfg.densify_until * self.total_steps)):
             self.densify_and_prune()
         return float(loss.detach())
 
