@@ -558,8 +558,9 @@ class HalfSetTrainer:
         if not torch.isfinite(loss):
             from cryosplat.errors import StageError
 
-            raise StageError("training", f"half-set {self.half}: the loss became {float(loss.detach())} "
-                                         f"at step {self.step}; lower the learning rates")
+            raise StageError("training", f"half-set {self.half}: the loss became "
+                                         f"{float(loss.detach())} at step {self.step}; lower "
+                                         "the learning rates")
         if self.cfg.densify or self.cfg.support_radius_A > 0:
             self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
