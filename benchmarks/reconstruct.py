@@ -4,18 +4,21 @@ Simulates the built-in 4AKE model, backprojects it (timed: the baseline), then t
 gold-standard Gaussian reconstruction for each Gaussian count, each in its own process (its
 peak RSS is its own), evaluating the FSC against the ground truth every --eval-every steps.
 Reports resolution against time (half-map FSC, the cross-validated estimate against the
-baseline's half-maps, and the FSC against the truth), and the time and peak memory to reach the baseline's
-resolution against the truth at both FSC 0.143 and 0.5, or that it was not reached. Prints and
-writes JSON.
+baseline's half-maps, and the FSC against the truth), and the time and peak memory to reach
+the baseline's resolution against the truth at both FSC 0.143 and 0.5, or that it was not
+reached. A count stops at its first evaluation at the baseline (--run-to-end trains all
+--epochs), or at its first evaluation past --time-limit seconds. Prints and writes JSON.
 
     .venv/bin/python benchmarks/reconstruct.py [--box 128 --pixel-size 1.0 --particles 20000]
-        [--gaussians 2000 10000 30000] [--epochs 4] [--device cpu] [--out benchmarks/results]
+        [--gaussians 2000 10000 30000] [--epochs 4] [--time-limit S] [--run-to-end]
+        [--device cpu] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -26,7 +29,11 @@ from pathlib import Path
 
 
 def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: str,
-              densify: bool = False) -> dict:
+              densify: bool = False, target: tuple[float, float] | None = None,
+              time_limit_s: float = float("inf")) -> dict:
+    """One count's gold-standard run. With ``target`` (the baseline's resolutions against the
+    truth at FSC 0.143 and 0.5) it stops at the first evaluation that reaches both; it also
+    stops at the first evaluation after ``time_limit_s``."""
     import torch
 
     from cryosplat.io import read_particles, read_volume
@@ -39,13 +46,18 @@ def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: s
                  for i in (1, 2))  # the baseline's half-maps: references of the cross-validation
     cfg = TrainConfig(n_gaussians=n_gauss, epochs=epochs, eval_every=eval_every,
                       checkpoint_every=10**9, densify=densify)
+    def stop_when(row: dict) -> bool:
+        return row["time_s"] >= time_limit_s or (target is not None and reached(row, *target))
+
     t0 = time.perf_counter()
     trainers, history, _ = train_gold_standard(p, assign_half_sets(p, 0), cfg, resolve_device(device),
                                         truth=truth.to(torch.float32), log=lambda m: None,
-                                        references=refs)
+                                        references=refs, stop_when=stop_when)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"gaussians": n_gauss, "densify": densify,
            "final_gaussians": [len(t.model) for t in trainers], "epochs": epochs,
+           "stopped_at_baseline": target is not None and reached(history[-1], *target),
+           "time_limit_s": time_limit_s if time_limit_s < float("inf") else None,
            "wall_s": time.perf_counter() - t0,
            "peak_rss_MiB": peak, "history": history}
     if device != "cpu" and torch.cuda.is_available():
@@ -53,11 +65,23 @@ def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: s
     return out
 
 
-def run(cmd: list[str]) -> str:
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    return r.stdout
+def reached(row: dict, target: float, target_05: float) -> bool:
+    """Whether an evaluation is at or past the baseline against the truth at 0.143 and 0.5."""
+    return (row["truth_resolution_A_0.143"] <= target + 1e-9
+            and row["truth_resolution_A_0.5"] <= target_05 + 1e-9)
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    """Run ``cmd``; return its stdout and its own peak RSS in MiB (``os.wait4`` on its pid, so
+    earlier children do not count)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
+        return out.read(), usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -71,17 +95,22 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--densify", action="store_true", help="Also run each count with --densify")
+    ap.add_argument("--run-to-end", action="store_true",
+                    help="Train every count for all --epochs instead of stopping at the baseline")
+    ap.add_argument("--time-limit", type=float, default=float("inf"),
+                    help="Stop a count at its first evaluation after this many seconds")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--workdir", type=Path, default=None)
     ap.add_argument("--single", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--single-densify", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--single-target", type=float, nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     work = args.workdir or Path(tmp.name)
     sim = work / "sim"
     if args.single:
         print(json.dumps(train_one(sim, args.single, args.epochs, args.eval_every, args.device,
-                                   args.single_densify)))
+                                   args.single_densify, args.single_target, args.time_limit)))
         return
     cli = [sys.executable, "-m", "cryosplat"]
     if not (sim / "particles.star").exists():
@@ -89,32 +118,35 @@ def main() -> None:
              str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
              "--force"])
     t0 = time.perf_counter()
-    run([*cli, "backproject", str(sim / "particles.star"), "--out", str(work / "bp"), "--truth",
-         str(sim / "ground_truth.mrc"), "--force"])
+    _, bp_rss = run([*cli, "backproject", str(sim / "particles.star"), "--out", str(work / "bp"),
+                     "--truth", str(sim / "ground_truth.mrc"), "--force"])
     bp = json.loads((work / "bp" / "summary.json").read_text())
     bp["wall_s"] = time.perf_counter() - t0
+    bp["peak_rss_MiB"] = bp_rss
     target, target_05 = bp["truth_resolution_A_0.143"], bp["truth_resolution_A_0.5"]
-    print(f"baseline (direct Fourier inversion): {bp['wall_s']:.0f} s; vs truth {target:.2f} Å "
+    print(f"baseline (direct Fourier inversion): {bp['wall_s']:.0f} s, peak RSS "
+          f"{bp_rss:.0f} MiB; vs truth {target:.2f} Å "
           f"(0.143) {target_05:.2f} Å (0.5), half-maps {bp['half_map_resolution_A']:.2f} Å",
           flush=True)
     rows = []
     runs = [(m, False) for m in args.gaussians] + [(m, True) for m in args.gaussians
                                                     if args.densify]
     for m, dens in runs:
-        out = run([sys.executable, __file__, "--single", str(m), "--epochs", str(args.epochs),
+        out, _ = run([sys.executable, __file__, "--single", str(m), "--epochs", str(args.epochs),
                    "--eval-every", str(args.eval_every), "--device", args.device,
-                   "--workdir", str(work), *(["--single-densify"] if dens else [])])
+                   "--workdir", str(work), "--time-limit", str(args.time_limit),
+                   *(["--single-densify"] if dens else []),
+                   *([] if args.run_to_end else ["--single-target", str(target), str(target_05)])])
         row = json.loads(out.strip().splitlines()[-1])
-        reached = [h for h in row["history"] if h["truth_resolution_A_0.143"] <= target + 1e-9
-                   and h["truth_resolution_A_0.5"] <= target_05 + 1e-9]
-        row["time_to_baseline_s"] = reached[0]["time_s"] if reached else None
+        hits = [h for h in row["history"] if reached(h, target, target_05)]
+        row["time_to_baseline_s"] = hits[0]["time_s"] if hits else None
         last = row["history"][-1]
         rows.append(row)
         when = (f"reached the baseline after {row['time_to_baseline_s']:.0f} s"
-                if reached else "did not reach the baseline")
+                if hits else "did not reach the baseline")
         label = f"{m} -> {'/'.join(map(str, row['final_gaussians']))} (densify)" if dens else str(m)
         print(f"{label:>6} Gaussians: {row['wall_s']:.0f} s, peak RSS {row['peak_rss_MiB']:.0f} MiB; "
-              f"final vs truth {last['truth_resolution_A_0.143']:.2f} Å (0.143) "
+              f"last vs truth {last['truth_resolution_A_0.143']:.2f} Å (0.143) "
               f"{last['truth_resolution_A_0.5']:.2f} Å (0.5), half-maps "
               f"{last['half_map_resolution_A']:.2f} Å; {when} "
               f"(ratio to the baseline's time: "

@@ -8,7 +8,7 @@ import torch
 
 from cryosplat.evaluate import fsc, resolution_A
 from cryosplat.io import read_particles, read_volume
-from cryosplat.reconstruct import (TrainConfig, assign_half_sets, load_checkpoint,
+from cryosplat.reconstruct import (TrainConfig, assign_half_sets, load_checkpoint, total_steps,
                                    train_gold_standard)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 
@@ -87,6 +87,26 @@ def test_resume_continues_to_the_same_mixture(tiny, tmp_path):
         assert a.step == b.step
         for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
             assert torch.allclose(x, y, atol=1e-5), name
+
+
+def test_stop_when_ends_the_run_at_that_evaluation_and_checkpoints_it(tiny, tmp_path):
+    p, truth = tiny
+    cfg = TrainConfig(n_gaussians=40, epochs=2, eval_every=3, checkpoint_every=1000, seed=4)
+    half = assign_half_sets(p, 0)
+    seen = []
+
+    def stop_when(row):
+        seen.append(row["step"])
+        return row["step"] >= 6
+
+    ckpt = tmp_path / "checkpoint.pt"
+    trainers, history, trace = train_gold_standard(p, half, cfg, torch.device("cpu"), truth=truth,
+                                                   checkpoint_path=ckpt, stop_when=stop_when)
+    assert seen == [3, 6]  # asked after each evaluation, and not after the stop
+    assert [h["step"] for h in history] == [3, 6]  # no extra evaluation after the stop
+    assert [t.step for t in trainers] == [6, 6] and len(trace) == 6
+    assert load_checkpoint(ckpt)["halves"][0]["step"] == 6  # the stopped state is saved
+    assert total_steps(half, cfg) > 6  # the run was meant to go on
 
 
 def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):

@@ -632,6 +632,7 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
                         truth: torch.Tensor | None = None, progress=None, log=print,
                         config: dict | None = None,
                         references: tuple[torch.Tensor, torch.Tensor] | None = None,
+                        stop_when=None,
                         ) -> tuple[list[HalfSetTrainer], list[dict], list[list[float]]]:
     """Fit independent mixtures to half-sets 1 and 2 (they never see each other's particles).
 
@@ -643,12 +644,18 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
     :func:`cryosplat.evaluate.cross_validated_fsc`) is recorded in the history; every
     ``cfg.checkpoint_every`` steps both trainers are checkpointed atomically. Returns the
     trainers, the evaluation history and the trace of ``[step, loss_1, loss_2]`` per step.
+
+    ``stop_when``, a function of a history row, ends the run after the first evaluation for
+    which it is true (benchmarks: stop once the baseline is reached). Single process only,
+    since only rank 0 evaluates.
     """
     import time
 
     from cryosplat.evaluate import cross_validated_fsc, cross_validated_resolution, resolution_A
 
     check_batch_size(particles, half_set, cfg)
+    if stop_when is not None and rank_and_world()[1] > 1:
+        raise ValueError("stop_when needs a single process: only rank 0 evaluates")
     halves = [np.nonzero(half_set == h)[0] for h in (1, 2)]
     total = total_steps(half_set, cfg)
     trainers = [HalfSetTrainer(particles, idx, cfg, h + 1, total, device)
@@ -692,10 +699,16 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
             continue
         if progress is not None:
             progress(2 * cfg.batch_size, losses)
+        stop = False
         if step % cfg.eval_every == 0 or step == total:
             evaluate(losses)
-        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total):
+            stop = stop_when is not None and bool(stop_when(history[-1]))
+        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or step == total
+                                            or stop):
             _save_checkpoint(checkpoint_path, trainers, history, trace, config or {})
-    if lead and (not history or history[-1]["step"] != total):
+        if stop:
+            log(f"stopped at step {step} of {total}: the stopping condition holds")
+            break
+    if lead and (not history or history[-1]["step"] != trainers[0].step):
         evaluate(losses)
     return trainers, history, trace
