@@ -487,6 +487,10 @@ class HalfSetTrainer:
             grp["lr"] = g["lr"]
         self.grad_accum = torch.zeros(len(self.model), device=self.device)
 
+    def growing(self) -> bool:
+        """Whether densification still adds Gaussians at the current step."""
+        return self.cfg.densify and self.step < self.cfg.densify_until * self.total_steps
+
     @torch.no_grad()
     def densify_and_prune(self) -> tuple[int, int]:
         """One round of adaptive density control; returns (split, removed).
@@ -507,7 +511,7 @@ class HalfSetTrainer:
         if cfg.support_radius_A > 0:
             alive &= m.means_A.norm(dim=-1) <= cfg.support_radius_A
         n_removed = int((~alive).sum())
-        growing = cfg.densify and self.step < cfg.densify_until * self.total_steps
+        growing = self.growing()
         n_split = n_removed if cfg.support_radius_A > 0 or not growing else 0
         if growing:  # grow by a share of the count, up to the cap
             cap = cfg.max_gaussians or 4 * cfg.n_gaussians
@@ -565,9 +569,8 @@ class HalfSetTrainer:
             self.grad_accum += self.model.means_A.grad.detach().norm(dim=-1)
         self.optimizer.step()
         self.step += 1
-        if self.step % self.cfg.densify_every == 0 and (
-                self.cfg.support_radius_A > 0 or (
-                    self.cfg.densify and self.step < self.cfg.densify_until * self.total_steps)):
+        if self.step % self.cfg.densify_every == 0 and (self.cfg.support_radius_A > 0
+                                                         or self.growing()):
             self.densify_and_prune()
         return float(loss.detach())
 
