@@ -61,9 +61,12 @@ def phase_randomised_correction(map_a: torch.Tensor, map_b: torch.Tensor, mask: 
                                 seed: int = 0) -> torch.Tensor:
     """Chen et al. (2013): the masked FSC with the mask's own correlation removed.
 
-    Each map's phases are replaced by independent random ones beyond the first shell where
-    ``unmasked`` falls below 0.8; the curves are `(D//2 + 1,)`. If it never falls below 0.8,
-    there is nothing to randomise and ``masked`` is returned.
+    Each map's phases are replaced by independent random ones from the first shell where
+    ``unmasked`` falls below 0.8; the curves are `(D//2 + 1,)`. As in RELION's postprocessing,
+    the correction starts two shells further out (at the randomisation shell itself the
+    randomised maps still share the unrandomised neighbour shells through the mask, and the
+    corrected curve would dip to near 0 there), and is 0 where the randomised maps correlate
+    more than the maps. If ``unmasked`` never falls below 0.8, ``masked`` is returned.
     """
     d = map_a.shape[-1]
     below = np.nonzero(np.asarray(unmasked)[1:] < 0.8)[0]
@@ -82,8 +85,9 @@ def phase_randomised_correction(map_a: torch.Tensor, map_b: torch.Tensor, mask: 
     rand = fsc(randomised[0] * mask, randomised[1] * mask).double()
     masked = masked.double()
     corrected = masked.clone()
-    tail = slice(cutoff, None)
-    corrected[tail] = (masked[tail] - rand[tail]) / (1 - rand[tail]).clamp_min(1e-6)
+    tail = slice(cutoff + 2, None)
+    true = (masked[tail] - rand[tail]) / (1 - rand[tail]).clamp_min(1e-6)
+    corrected[tail] = torch.where(rand[tail] > masked[tail], 0.0, true)
     return corrected.float()
 
 
