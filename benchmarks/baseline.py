@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import machine, write_json
 
 
 def run_cli(args: list[str]) -> tuple[float, float]:
@@ -44,7 +45,6 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the data here")
     args = ap.parse_args()
-    import torch
 
     n_max = max(args.counts)
     tmp = tempfile.TemporaryDirectory()
@@ -53,8 +53,7 @@ def main() -> None:
     common = ["--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
               "--defocus-min", "1", "--defocus-max", "3", "--seed", "0", "--force"]
     result = {"box_size": args.box, "pixel_size_A": args.pixel_size, "snr": args.snr,
-              "nyquist_A": 2 * args.pixel_size, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "simulate": [], "backproject": []}
+              "nyquist_A": 2 * args.pixel_size, **machine(), "simulate": [], "backproject": []}
     # simulate: a small and the large run, to show that memory does not grow with the count
     for n in sorted({min(args.counts), n_max}):
         d = sim if n == n_max else work / f"sim_{n}"
@@ -76,10 +75,7 @@ def main() -> None:
               f"{rss:6.0f} MiB; half-maps {s['half_map_resolution_A']:.2f} Å, vs truth "
               f"{s['truth_resolution_A_0.143']:.2f} Å (0.143) {s['truth_resolution_A_0.5']:.2f} Å (0.5)",
               flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "baseline.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(result, args.out, "baseline.json")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import machine, write_json
+
 import numpy as np
 import pandas as pd
 import starfile
@@ -54,10 +56,9 @@ def main() -> None:
     child = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = {"benchmark": "info_star", "particles": args.particles,
               "wall_s": round(wall, 3), "peak_rss_MiB": round(child.ru_maxrss / 1024, 1),
-              "read_particles": summary["particles"]}
+              "read_particles": summary["particles"], **machine()}
     print(json.dumps(result, indent=2))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "info_star.json").write_text(json.dumps(result, indent=2))
+    write_json(result, args.out, "info_star.json")
 
 
 if __name__ == "__main__":

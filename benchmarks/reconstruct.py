@@ -19,13 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import machine, write_json
 
 
 def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: str,
@@ -158,16 +159,11 @@ def main() -> None:
                   f"{h['truth_resolution_A_0.143']:.2f} Å (0.143) {h['truth_resolution_A_0.5']:.2f}"
                   f" Å (0.5)  half-maps {h['half_map_resolution_A']:.2f} Å (0.143)  "
                   f"cross-validated {cv} Å (0.5)")
-    import torch
 
     result = {"box_size": args.box, "pixel_size_A": args.pixel_size, "particles": args.particles,
-              "snr": args.snr, "device": args.device, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "baseline": bp,
+              "snr": args.snr, "device": args.device, **machine(), "baseline": bp,
               "gaussian": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"reconstruct_{args.device}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(result, args.out, f"reconstruct_{args.device}.json")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import machine, write_json
 
 
 def single(box: int, n_gauss: int, batch: int, device: str, backend: str, repeats: int) -> dict:
@@ -76,7 +77,6 @@ def main() -> None:
     if args.single:
         print(json.dumps(single(*args.single, args.batch, args.device, args.backend, args.repeats)))
         return
-    import torch
 
     rows = []
     for box in args.boxes:
@@ -95,13 +95,8 @@ def main() -> None:
                 mem += f", peak CUDA {row['peak_cuda_MiB']:.0f} MiB"
             print(f"D={box:4d} M={m:6d} batch {args.batch}: {row['images_per_s']:8.1f} images/s "
                   f"(forward+backward), {row['seconds_per_batch']:.3f} s/batch {mem}", flush=True)
-    result = {"device": args.device, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"render_{args.device}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    result = {"device": args.device, **machine(), "rows": rows}
+    write_json(result, args.out, f"render_{args.device}.json")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -32,6 +31,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _results import machine, write_json
 
 
 def peak_rss_MiB() -> float:
@@ -149,7 +150,6 @@ def main() -> None:
                else single_read(args.star, args.single == "mmap"))
         print(json.dumps(out))
         return
-    import torch
 
     tmp = tempfile.TemporaryDirectory()
     work = args.workdir or Path(tmp.name)
@@ -161,8 +161,7 @@ def main() -> None:
              str(args.box), "--pixel-size", str(args.pixel_size), "--snr", "0.1", "--force"])
     make_large(small, large, args.copies)
     n_large = args.small * args.copies
-    result = {"box_size": args.box, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "machine": platform.processor() or platform.machine(), "gaussians": args.gaussians,
+    result = {"box_size": args.box, **machine(), "cpus": os.cpu_count(), "gaussians": args.gaussians,
               "memory": [], "ranks": []}
     me = [sys.executable, __file__]
     for label, star, n in (("small", small, args.small), ("large", large, n_large)):
@@ -199,10 +198,7 @@ def main() -> None:
         print(f"{r} rank(s): {rate:.1f} particles/s over {s['steps']} steps "
               f"({s['train_time_s']:.0f} s of training, {wall:.0f} s with start-up and outputs); "
               f"efficiency {row['efficiency']:.2f}", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "scale_cpu.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(result, args.out, "scale_cpu.json")
 
 
 if __name__ == "__main__":

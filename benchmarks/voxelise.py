@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _results import machine, write_json
 
 
 def single(box: int, n_gauss: int, log2_budget: int, smallest: int, device: str,
@@ -99,14 +100,9 @@ def main() -> None:
                   f"(map max {row['map_max']:.1e})", flush=True)
             if row["max_abs_difference"] > 1e-5 * row["map_max"]:
                 sys.exit(f"budget 2^{b} changed the map: {row['max_abs_difference']:.3e}")
-    import torch
 
-    result = {"box_size": args.box, "device": args.device, "threads": torch.get_num_threads(),
-              "machine": platform.processor() or platform.machine(), "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"voxelise_{args.device}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    result = {"box_size": args.box, "device": args.device, **machine(), "rows": rows}
+    write_json(result, args.out, f"voxelise_{args.device}.json")
 
 
 if __name__ == "__main__":
