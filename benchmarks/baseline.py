@@ -13,27 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _results import machine, write_json
+from _results import machine, run_child, write_json
 
 
 def run_cli(args: list[str]) -> tuple[float, float]:
     """Run ``cryosplat ARGS``; return (wall seconds, peak RSS in MiB) of that process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "cryosplat", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"cryosplat {' '.join(args)} failed:\n{out.decode(errors='replace')}")
-    return wall, usage.ru_maxrss / 1024
+    _, wall, rss = run_child([sys.executable, "-m", "cryosplat", *args])
+    return wall, rss
 
 
 def main() -> None:

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from _results import machine, write_json
+from _results import machine, run_child, write_json
 
 import numpy as np
 import pandas as pd
@@ -48,14 +45,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         star = Path(tmp) / "particles.star"
         write_big_star(star, args.particles)
-        t0 = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "cryosplat", "info", str(star), "--json"],
-                              capture_output=True, text=True, check=True)
-        wall = time.perf_counter() - t0
-        summary = json.loads(proc.stdout)
-    child = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out, wall, rss = run_child([sys.executable, "-m", "cryosplat", "info", str(star), "--json"])
+        summary = json.loads(out)
     result = {"benchmark": "info_star", "particles": args.particles,
-              "wall_s": round(wall, 3), "peak_rss_MiB": round(child.ru_maxrss / 1024, 1),
+              "wall_s": round(wall, 3), "peak_rss_MiB": round(rss, 1),
               "read_particles": summary["particles"], **machine()}
     print(json.dumps(result, indent=2))
     write_json(result, args.out, "info_star.json")

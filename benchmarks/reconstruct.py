@@ -18,15 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _results import machine, write_json
+from _results import machine, run_child, write_json
 
 
 def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: str,
@@ -72,19 +70,6 @@ def reached(row: dict, target: float, target_05: float) -> bool:
             and row["truth_resolution_A_0.5"] <= target_05 + 1e-9)
 
 
-def run(cmd: list[str]) -> tuple[str, float]:
-    """Run ``cmd``; return its stdout and its own peak RSS in MiB (``os.wait4`` on its pid, so
-    earlier children do not count)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0), err.seek(0)
-        if proc.returncode != 0:
-            sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-        return out.read(), usage.ru_maxrss / 1024
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--box", type=int, default=128)
@@ -115,14 +100,14 @@ def main() -> None:
         return
     cli = [sys.executable, "-m", "cryosplat"]
     if not (sim / "particles.star").exists():
-        run([*cli, "simulate", "--out", str(sim), "--particles", str(args.particles), "--box",
-             str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
-             "--force"])
-    t0 = time.perf_counter()
-    _, bp_rss = run([*cli, "backproject", str(sim / "particles.star"), "--out", str(work / "bp"),
-                     "--truth", str(sim / "ground_truth.mrc"), "--force"])
+        run_child([*cli, "simulate", "--out", str(sim), "--particles", str(args.particles),
+                   "--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr",
+                   str(args.snr), "--force"])
+    _, bp_wall, bp_rss = run_child([*cli, "backproject", str(sim / "particles.star"), "--out",
+                                    str(work / "bp"), "--truth", str(sim / "ground_truth.mrc"),
+                                    "--force"])
     bp = json.loads((work / "bp" / "summary.json").read_text())
-    bp["wall_s"] = time.perf_counter() - t0
+    bp["wall_s"] = bp_wall
     bp["peak_rss_MiB"] = bp_rss
     target, target_05 = bp["truth_resolution_A_0.143"], bp["truth_resolution_A_0.5"]
     print(f"baseline (direct Fourier inversion): {bp['wall_s']:.0f} s, peak RSS "
@@ -133,11 +118,12 @@ def main() -> None:
     runs = [(m, False) for m in args.gaussians] + [(m, True) for m in args.gaussians
                                                     if args.densify]
     for m, dens in runs:
-        out, _ = run([sys.executable, __file__, "--single", str(m), "--epochs", str(args.epochs),
-                   "--eval-every", str(args.eval_every), "--device", args.device,
-                   "--workdir", str(work), "--time-limit", str(args.time_limit),
-                   *(["--single-densify"] if dens else []),
-                   *([] if args.run_to_end else ["--single-target", str(target), str(target_05)])])
+        out, _, _ = run_child(
+            [sys.executable, __file__, "--single", str(m), "--epochs", str(args.epochs),
+             "--eval-every", str(args.eval_every), "--device", args.device,
+             "--workdir", str(work), "--time-limit", str(args.time_limit),
+             *(["--single-densify"] if dens else []),
+             *([] if args.run_to_end else ["--single-target", str(target), str(target_05)])])
         row = json.loads(out.strip().splitlines()[-1])
         hits = [h for h in row["history"] if reached(h, target, target_05)]
         row["time_to_baseline_s"] = hits[0]["time_s"] if hits else None

@@ -26,29 +26,16 @@ import json
 import os
 import resource
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _results import machine, write_json
+from _results import machine, run_child, write_json
 
 
 def peak_rss_MiB() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def run(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """Run ``cmd``; return (stdout, wall seconds, peak RSS in MiB of it and its children)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **(env or {})})
-    out, err = proc.communicate()
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
-    return out, wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
 def make_large(small: Path, large: Path, copies: int) -> None:
@@ -157,18 +144,19 @@ def main() -> None:
     cli = [sys.executable, "-m", "cryosplat"]
     if not (small / "particles.star").exists():
         print(f"simulating {args.small} particles at box {args.box} ...", flush=True)
-        run([*cli, "simulate", "--out", str(small), "--particles", str(args.small), "--box",
-             str(args.box), "--pixel-size", str(args.pixel_size), "--snr", "0.1", "--force"])
+        run_child([*cli, "simulate", "--out", str(small), "--particles", str(args.small),
+                   "--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr", "0.1",
+                   "--force"])
     make_large(small, large, args.copies)
     n_large = args.small * args.copies
-    result = {"box_size": args.box, **machine(), "cpus": os.cpu_count(), "gaussians": args.gaussians,
-              "memory": [], "ranks": []}
+    result = {"box_size": args.box, **machine(), "cpus": os.cpu_count(),
+              "gaussians": args.gaussians, "memory": [], "ranks": []}
     me = [sys.executable, __file__]
     for label, star, n in (("small", small, args.small), ("large", large, n_large)):
         row = {"particles": n}
         for what in ("read", "mmap", "train"):
-            out, _, _ = run([*me, "--single", what, "--star", str(star / "particles.star"),
-                             "--steps", str(args.steps), "--gaussians", str(args.gaussians)])
+            out, _, _ = run_child([*me, "--single", what, "--star", str(star / "particles.star"),
+                                   "--steps", str(args.steps), "--gaussians", str(args.gaussians)])
             row[what] = json.loads(out.strip().splitlines()[-1])
         result["memory"].append(row)
         print(f"{n:>7} particles: one pass (prefetched pread) {row['read']['particles_per_s']:.0f}"
@@ -184,11 +172,11 @@ def main() -> None:
 
         half = np.tile([1, 2], args.small // 2 + 1)[: args.small]
         epochs = args.steps / total_steps(half, TrainConfig(epochs=1.0))
-        _, wall, _ = run([*cli, "reconstruct", str(small / "particles.star"), "--out",
-                          str(folder), "--nproc", str(r), "--gaussians", str(args.gaussians),
-                          "--epochs", f"{epochs:.6f}", "--no-validate", "--no-densify",
-                          "--device", "cpu", "--force"],
-                         env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // r))})
+        _, wall, _ = run_child([*cli, "reconstruct", str(small / "particles.star"), "--out",
+                                str(folder), "--nproc", str(r), "--gaussians", str(args.gaussians),
+                                "--epochs", f"{epochs:.6f}", "--no-validate", "--no-densify",
+                                "--device", "cpu", "--force"],
+                               env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // r))})
         s = json.loads((folder / "summary.json").read_text())
         rate = 2 * 32 * s["steps"] / s["train_time_s"]
         base = base or rate

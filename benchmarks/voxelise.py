@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from _results import machine, write_json
+from _results import machine, run_child, write_json
 
 
 def single(box: int, n_gauss: int, log2_budget: int, smallest: int, device: str,
@@ -85,13 +84,10 @@ def main() -> None:
     print(f"voxelise at {args.box}^3 on {args.device}")
     for m in args.gaussians:
         for b in args.budgets:
-            r = subprocess.run([sys.executable, __file__, "--single", str(m), str(b), "--box",
-                                str(args.box), "--budgets", *map(str, args.budgets), "--repeats",
-                                str(args.repeats), "--device", args.device],
-                               capture_output=True, text=True)
-            if r.returncode != 0:
-                sys.exit(f"{m} Gaussians, budget 2^{b} failed:\n{r.stderr[-3000:]}")
-            row = json.loads(r.stdout.strip().splitlines()[-1])
+            out, _, _ = run_child([sys.executable, __file__, "--single", str(m), str(b), "--box",
+                                   str(args.box), "--budgets", *map(str, args.budgets),
+                                   "--repeats", str(args.repeats), "--device", args.device])
+            row = json.loads(out.strip().splitlines()[-1])
             rows.append(row)
             mem = (f"peak CUDA {row['peak_cuda_MiB']:.0f} MiB" if "peak_cuda_MiB" in row
                    else f"peak RSS +{row['peak_rss_rise_MiB']:.0f} MiB")

@@ -99,7 +99,7 @@ def test_a_half_set_never_sees_the_other_half_sets_particles(tmp_path):
     cfg = TrainConfig(n_gaussians=40, epochs=2, eval_every=1000, checkpoint_every=1000, seed=6,
                       loss="fourier", densify=True, densify_every=3)
 
-    def train() -> list:
+    def train() -> tuple[list, object]:
         p = read_particles(sim["particles"])
         trainers, _, _ = train_gold_standard(p, assign_half_sets(p, 0), cfg, torch.device("cpu"))
         return [t.model.state_dict() for t in trainers], p
