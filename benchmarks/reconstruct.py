@@ -36,8 +36,8 @@ def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: s
     import torch
 
     from cryosplat.io import read_particles, read_volume
-    from cryosplat.reconstruct import (TrainConfig, assign_half_sets, resolve_device,
-                                       train_gold_standard)
+    from cryosplat.io import assign_half_sets
+    from cryosplat.train import TrainConfig, resolve_device, train_gold_standard
 
     p = read_particles(sim / "particles.star")
     truth = torch.from_numpy(read_volume(sim / "ground_truth.mrc")[0])

@@ -26,7 +26,7 @@ def single(box: int, n_gauss: int, batch: int, device: str, backend: str, repeat
     import torch
 
     from cryosplat import geometry
-    from cryosplat.gmm import GaussianMixture
+    from cryosplat.gaussians import GaussianMixture
 
     g = torch.Generator().manual_seed(0)
     gm = GaussianMixture.random(n_gauss, 0.35 * box, 1.0, generator=g)

@@ -66,8 +66,8 @@ def single_read(star: Path, mmap: bool) -> dict:
     import torch
 
     from cryosplat.io import read_particles
-    from cryosplat.reconstruct import (BatchStream, HalfSetTrainer, TrainConfig,
-                                       assign_half_sets)
+    from cryosplat.io import assign_half_sets
+    from cryosplat.train import BatchStream, HalfSetTrainer, TrainConfig
 
     p = read_particles(star)
     half = assign_half_sets(p, 0)
@@ -103,12 +103,13 @@ def single_train(star: Path, steps: int, gaussians: int) -> dict:
     import torch
 
     from cryosplat.io import read_particles
-    from cryosplat.reconstruct import TrainConfig, assign_half_sets, total_steps, train_gold_standard
+    from cryosplat.io import assign_half_sets
+    from cryosplat.train import TrainConfig, total_steps, train_gold_standard
 
     p = read_particles(star)
     half = assign_half_sets(p, 0)
     cfg = TrainConfig(n_gaussians=gaussians, epochs=1.0, eval_every=10**9,
-                      checkpoint_every=10**9)
+                      checkpoint_every=10**9, densify=False)
     cfg.epochs = steps / total_steps(half, cfg)
     t0 = time.perf_counter()
     trainers, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"), log=lambda m: None)
@@ -167,7 +168,7 @@ def main() -> None:
     base = None
     for r in args.ranks:
         folder = work / f"ranks_{r}"
-        from cryosplat.reconstruct import TrainConfig, total_steps
+        from cryosplat.train import TrainConfig, total_steps
         import numpy as np
 
         half = np.tile([1, 2], args.small // 2 + 1)[: args.small]

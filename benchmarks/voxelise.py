@@ -1,6 +1,6 @@
 """Time and peak memory of voxelising a Gaussian mixture against the chunk budget.
 
-``gmm.voxelise`` evaluates at most ``budget`` Gaussian-voxel pairs at a time. The training
+``gaussians.voxelise`` evaluates at most ``budget`` Gaussian-voxel pairs at a time. The training
 voxelises both half-set mixtures at every evaluation, and the last maps at the end, so this
 sets the evaluation time and, on CPU, the training's peak RSS. For each Gaussian count and
 budget, in its own process so that its peak memory is its own: a random mixture (uniform in a
@@ -30,7 +30,7 @@ def single(box: int, n_gauss: int, log2_budget: int, smallest: int, device: str,
            repeats: int) -> dict:
     import torch
 
-    from cryosplat.gmm import GaussianMixture, voxelise
+    from cryosplat.gaussians import GaussianMixture, voxelise
 
     g = torch.Generator().manual_seed(0)
     gm = GaussianMixture.random(n_gauss, 0.3 * box, 1.0, generator=g)

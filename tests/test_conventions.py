@@ -17,7 +17,7 @@ from torch_fourier_slice import project_3d_to_2d
 
 from conftest import real_space_projection
 
-from cryosplat import geometry
+from cryosplat import fourier, geometry
 from cryosplat.ctf import CTFParams, ctf_rfft, electron_wavelength_A
 
 RNG = np.random.default_rng(7)
@@ -197,7 +197,7 @@ def test_ctf_known_values():
     # B-factor envelope exp(-B k^2 / 4), scale multiplies
     c1 = ctf_rfft(params(b=100.0, s=0.5), d, pix)[0]
     c0 = ctf_rfft(params(), d, pix)[0]
-    k2 = geometry.rfft_frequencies_2d(d, pix, dtype=torch.float64).pow(2).sum(-1)
+    k2 = fourier.rfft_frequencies_2d(d, pix, dtype=torch.float64).pow(2).sum(-1)
     torch.testing.assert_close(c1, 0.5 * torch.exp(-100.0 * k2 / 4) * c0)
     # defocus U acts along the astigmatism angle: at angle 0 the x axis sees defocus U
     cu = ctf_rfft(params(u=20000.0, v=10000.0, angle=0.0, cs=0.0, phase=0.0), d, pix)[0, 0]

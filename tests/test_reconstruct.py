@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from cryosplat.evaluate import fsc, resolution_A
-from cryosplat.io import read_particles, read_volume
-from cryosplat.reconstruct import (TrainConfig, assign_half_sets, load_checkpoint, total_steps,
-                                   train_gold_standard)
+from cryosplat.io import assign_half_sets, read_particles, read_volume
+from cryosplat.train import TrainConfig, load_checkpoint, total_steps, train_gold_standard
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 
 
@@ -26,10 +25,10 @@ def tiny(tmp_path_factory):
 def test_tiny_reconstruction_beats_a_random_mixture(tiny, loss):
     p, truth = tiny
     cfg = TrainConfig(n_gaussians=150, epochs=4, eval_every=1000, checkpoint_every=1000, seed=1,
-                      loss=loss)
+                      loss=loss, densify=False)
     half = assign_half_sets(p, 0)
     trainers, history, trace = train_gold_standard(p, half, cfg, torch.device("cpu"))
-    from cryosplat.gmm import GaussianMixture
+    from cryosplat.gaussians import GaussianMixture
 
     rand = GaussianMixture.random(150, 0.3 * 96, 6.0, generator=torch.Generator().manual_seed(9))
     res_random = resolution_A(fsc(rand.voxelise(32, 3.0).detach(), truth), 32, 3.0, 0.5)
@@ -68,7 +67,8 @@ def test_dark_particles_are_refused_with_a_hint(tiny):
     from cryosplat.errors import InputError
 
     p, _ = tiny
-    cfg = TrainConfig(n_gaussians=50, epochs=1, eval_every=1000, checkpoint_every=1000)
+    cfg = TrainConfig(n_gaussians=50, epochs=1, eval_every=1000, checkpoint_every=1000,
+                      densify=False)
     with pytest.raises(InputError, match="--invert"):
         train_gold_standard(replace(p, invert=True), assign_half_sets(p, 0), cfg,
                             torch.device("cpu"))
@@ -77,7 +77,7 @@ def test_dark_particles_are_refused_with_a_hint(tiny):
 def test_resume_continues_to_the_same_mixture(tiny, tmp_path):
     p, _ = tiny
     cfg = TrainConfig(n_gaussians=60, epochs=2, eval_every=1000, checkpoint_every=4, seed=3,
-                      loss="fourier")  # its running noise spectrum must be restored too
+                      loss="fourier", densify=False)  # its running noise spectrum must be restored too
     half = assign_half_sets(p, 0)
     ref, _, _ = train_gold_standard(p, half, cfg, torch.device("cpu"))
     state, resumed, trace = interrupt_and_resume(p, half, cfg, tmp_path / "checkpoint.pt", 6)
@@ -120,7 +120,8 @@ def test_a_half_set_never_sees_the_other_half_sets_particles(tmp_path):
 
 def test_stop_when_ends_the_run_at_that_evaluation_and_checkpoints_it(tiny, tmp_path):
     p, truth = tiny
-    cfg = TrainConfig(n_gaussians=40, epochs=2, eval_every=3, checkpoint_every=1000, seed=4)
+    cfg = TrainConfig(n_gaussians=40, epochs=2, eval_every=3, checkpoint_every=1000, seed=4,
+                      densify=False)
     half = assign_half_sets(p, 0)
     seen = []
 
@@ -208,13 +209,13 @@ def test_support_sphere_replaces_gaussians_that_leave_it(tiny):
     """``support_radius_A``: a Gaussian whose centre leaves the sphere is removed and an
     in-support one split, so a fixed count holds and every centre ends inside; mass moved
     outside by hand is taken back within one round."""
-    from cryosplat.reconstruct import HalfSetTrainer
+    from cryosplat.train import HalfSetTrainer
 
     p, _ = tiny
     half = assign_half_sets(p, 0)
     radius = 20.0  # Å; the box is 96 Å wide, the random start fills a 28.8 Å ball without it
     cfg = TrainConfig(n_gaussians=60, epochs=2, eval_every=1000, checkpoint_every=1000,
-                      seed=3, support_radius_A=radius, densify_every=2)
+                      seed=3, support_radius_A=radius, densify_every=2, densify=False)
     t = HalfSetTrainer(p, np.nonzero(half == 1)[0], cfg, 1, 20, torch.device("cpu"))
     assert t.model.means_A.norm(dim=-1).max() <= radius  # starts inside the support
     for _ in range(4):
@@ -235,7 +236,7 @@ def test_support_sphere_replaces_gaussians_that_leave_it(tiny):
     kept = t.model.means_A.detach()[:60 - 2 * split]
     assert all(torch.isclose(inside_before, k).all(-1).any() for k in kept)
     # without a support, nothing is removed and a fixed count skips the round
-    free = TrainConfig(n_gaussians=60, epochs=2, seed=3)
+    free = TrainConfig(n_gaussians=60, epochs=2, seed=3, densify=False)
     u = HalfSetTrainer(p, np.nonzero(half == 1)[0], free, 1, 20, torch.device("cpu"))
     with torch.no_grad():
         u.model.means_A[:5] = torch.tensor([40.0, 0.0, 0.0])

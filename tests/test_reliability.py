@@ -41,7 +41,7 @@ COMMON = ["--gaussians", 40, "--batch", 8, "--no-validate", "--seed", 1, "--devi
 def test_sigkill_mid_run_then_resume_gives_the_uninterrupted_result(sim, tmp_path):
     r = cli("reconstruct", sim, "--out", tmp_path / "ref", "--epochs", 8, *COMMON)
     assert r.returncode == 0, r.stderr
-    from cryosplat.reconstruct import load_checkpoint
+    from cryosplat.train import load_checkpoint
 
     run = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "cryosplat", "reconstruct", str(sim),
@@ -88,7 +88,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(sim, tmp_pa
     err = capsys.readouterr().err
     assert code == 1
     assert "No space left on device" in err and "Traceback" not in err
-    from cryosplat.reconstruct import load_checkpoint
+    from cryosplat.train import load_checkpoint
 
     assert int(load_checkpoint(out / "checkpoint.pt")["halves"][0]["step"]) == 3
     assert not [p for p in out.iterdir() if ".tmp" in p.name]  # no half-written leftovers
@@ -96,7 +96,7 @@ def test_full_disk_gives_a_clear_error_and_keeps_the_last_checkpoint(sim, tmp_pa
 
 @pytest.mark.parametrize("where", ["calibration", "training", "output"])
 def test_nan_stops_the_run_naming_the_stage(sim, tmp_path, capsys, monkeypatch, where):
-    import cryosplat.reconstruct as rec
+    import cryosplat.train.trainer as rec
 
     if where in ("calibration", "training"):
         real, calls = rec.model_images, []

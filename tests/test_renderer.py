@@ -11,9 +11,9 @@ from torch_fourier_slice import project_3d_to_2d
 
 from conftest import real_space_projection
 
-from cryosplat import geometry
-from cryosplat.gmm import (GaussianMixture, covariance_from_scales, project_gaussians,
-                           render_rfft, splat_patches)
+from cryosplat import fourier, geometry
+from cryosplat.gaussians import (GaussianMixture, covariance_from_scales, project_gaussians,
+                                 render_rfft, splat_patches)
 
 
 def random_mixture(m: int, seed: int, spread_A: float = 16.0, scale_A=(2.0, 3.5),
@@ -29,7 +29,7 @@ def random_mixture(m: int, seed: int, spread_A: float = 16.0, scale_A=(2.0, 3.5)
 
 
 def band(d: int, pix: float, fraction: float = 0.8) -> torch.Tensor:
-    k = geometry.rfft_frequencies_2d(d, pix, dtype=torch.float64).norm(dim=-1)
+    k = fourier.rfft_frequencies_2d(d, pix, dtype=torch.float64).norm(dim=-1)
     return k <= fraction / (2 * pix)
 
 

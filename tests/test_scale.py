@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cryosplat.io import read_particles
-from cryosplat.reconstruct import (BatchStream, HalfSetTrainer, TrainConfig, assign_half_sets,
-                                   batch_indices, train_gold_standard)
+from cryosplat.io import assign_half_sets, read_particles
+from cryosplat.train import (BatchStream, HalfSetTrainer, TrainConfig, batch_indices,
+                             train_gold_standard)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 
 CFG = dict(n_gaussians=40, batch_size=8, epochs=2, eval_every=10**6, checkpoint_every=10**6,

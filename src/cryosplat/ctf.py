@@ -17,7 +17,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from cryosplat.geometry import origin_to_translation_A, rfft_frequencies_2d, translate_rfft
+from cryosplat.fourier import rfft_frequencies_2d
+from cryosplat.geometry import origin_to_translation_A, translate_rfft
 
 CTF_FIELDS_DOC = {
     "defocus_u_A": "rlnDefocusU (Å, positive = underfocus)",

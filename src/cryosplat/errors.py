@@ -3,6 +3,7 @@ expected and what was found. The command line prints it without a traceback."""
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,3 +46,21 @@ def malformed(source: str | Path, what: str) -> Iterator[None]:
     except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError,
             EOFError) as e:
         raise InputError(source, f"malformed {what} ({type(e).__name__}: {e})") from None
+
+
+def exit_status(e: BaseException) -> tuple[int, str] | None:
+    """How the command line ends on ``e``: (exit status, the one line it prints after
+    "error:"). 2 for bad input; 1 for a failed stage or an OS error (a full disk says that the
+    last checkpoint is intact). None for anything else."""
+    if isinstance(e, InputError):
+        return 2, str(e)
+    if isinstance(e, StageError):
+        return 1, str(e)
+    if isinstance(e, OSError):  # a full disk, a folder we may not write, a file that went away
+        msg = f"{e.filename}: " if e.filename else ""
+        msg += f"{e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            msg += ("; files being written were left under temporary names and removed, and "
+                    "what was written before (the last checkpoint) is intact")
+        return 1, msg
+    return None

@@ -15,12 +15,22 @@ The half-map FSC of two *models* (Gaussian mixtures) shares the models' systemat
 can overestimate the resolution. :func:`cross_validated_fsc` estimates each model's FSC
 against the unknown truth from maps it never saw: the other half-set's direct reconstruction,
 as FSC_work / FSC_free do for atomic models (Brown et al. 2015, Acta Cryst D 71:136).
+
+:func:`evaluate_maps` is the one evaluation of a pair of half-maps, used by training's
+periodic evaluations and by the end of every run. Nothing here writes a file.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+from scipy import ndimage
+from torch_fourier_shell_correlation import fsc as _fsc
+
+from cryosplat.fourier import rfft_radius_3d, shell_frequencies, shell_voxel_counts
+from cryosplat.geometry import grid_1d_A
 
 
 def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
@@ -28,8 +38,6 @@ def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
 
     Shell ``i`` is at spatial frequency ``i / (D * voxel_size_A)``.
     """
-    from torch_fourier_shell_correlation import fsc as _fsc
-
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")
     return _fsc(map_a.double(), map_b.double()).float()
@@ -74,7 +82,7 @@ def phase_randomised_correction(map_a: torch.Tensor, map_b: torch.Tensor, mask: 
         return masked.clone()
     cutoff = int(below[0]) + 1
     g = torch.Generator().manual_seed(seed)
-    radius = _rfft_radius(d) * d  # in shells
+    radius = rfft_radius_3d(d) * d  # in shells
     beyond = radius >= cutoff
     randomised = []
     for m in (map_a, map_b):
@@ -91,14 +99,6 @@ def phase_randomised_correction(map_a: torch.Tensor, map_b: torch.Tensor, mask: 
     return corrected.float()
 
 
-def _rfft_radius(box_size: int) -> torch.Tensor:
-    """|k| in cycles per voxel of each element of a `(D, D, D//2+1)` rfftn (unshifted)."""
-    k = torch.fft.fftfreq(box_size, dtype=torch.float64)
-    kx = torch.fft.rfftfreq(box_size, dtype=torch.float64)
-    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
-    return torch.sqrt(z**2 + y**2 + x**2)
-
-
 def spherical_mask(box_size: int, voxel_size_A: float, radius_A: float | None = None,
                    soft_edge_A: float | None = None) -> torch.Tensor:
     """A soft spherical mask centred on voxel D//2: `(D, D, D)` in [0, 1].
@@ -106,8 +106,6 @@ def spherical_mask(box_size: int, voxel_size_A: float, radius_A: float | None = 
     Defaults: radius 0.9 x D/2 voxels less the edge, a raised-cosine edge of 0.1 x D/2 voxels,
     so the mask reaches 0 at 0.9 x D/2 and never touches the box's faces.
     """
-    from cryosplat.geometry import grid_1d_A
-
     half = box_size / 2 * voxel_size_A
     edge = 0.1 * half if soft_edge_A is None else soft_edge_A
     radius = 0.9 * half - edge if radius_A is None else radius_A
@@ -133,11 +131,9 @@ def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0
     low-passed map's maximum), the binary mask is extended by ``extend_A`` and given a
     raised-cosine edge ``soft_edge_A`` wide. The distance is Euclidean (scipy).
     """
-    from scipy import ndimage
-
     d = volume.shape[-1]
     f = torch.fft.rfftn(volume.double())
-    k_per_A = _rfft_radius(d) / voxel_size_A
+    k_per_A = rfft_radius_3d(d) / voxel_size_A
     sigma_k = 1.0 / lowpass_A  # Gaussian whose amplitude is exp(-1/2) at 1/lowpass
     low = torch.fft.irfftn(f * torch.exp(-0.5 * (k_per_A / sigma_k) ** 2), s=volume.shape)
     level = 0.1 * float(low.max()) if threshold is None else threshold
@@ -147,13 +143,6 @@ def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0
     outside = ndimage.distance_transform_edt(~binary) * voxel_size_A
     distance = torch.from_numpy(outside) - extend_A
     return _soft_edge(distance, soft_edge_A).float()
-
-
-def shell_voxel_counts(box_size: int) -> np.ndarray:
-    """Number of rfft voxels in each FSC shell (|k| rounded to the shell): `(D//2 + 1,)`."""
-    shell = torch.round(_rfft_radius(box_size) * box_size).long().flatten()
-    counts = torch.bincount(shell, minlength=box_size // 2 + 1)
-    return counts[: box_size // 2 + 1].numpy()
 
 
 def cross_validated_fsc(model_1: torch.Tensor, model_2: torch.Tensor,
@@ -214,11 +203,6 @@ def cross_validated_resolution(estimate: np.ndarray, box_size: int, voxel_size_A
     return float(1 / shell_frequencies(box_size, voxel_size_A)[max(last, 1)]), True
 
 
-def shell_frequencies(box_size: int, voxel_size_A: float) -> np.ndarray:
-    """Spatial frequency of each FSC shell, 1/Å: `(D//2 + 1,)`."""
-    return np.arange(box_size // 2 + 1) / (box_size * voxel_size_A)
-
-
 def resolution_A(curve: torch.Tensor | np.ndarray, box_size: int, voxel_size_A: float,
                  threshold: float = 0.143) -> float:
     """Resolution (Å) where the FSC first falls below ``threshold``, linearly interpolated.
@@ -245,52 +229,63 @@ def resolutions(curves: dict[str, np.ndarray], box_size: int,
             for name, c in curves.items()}
 
 
-def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
-              voxel_size_A: float, title: str = "", labels: dict[str, str] | None = None,
-              second_panel: list[str] | None = None) -> None:
-    """fsc.csv (one quoted column per curve) and fsc.png with the 0.143 and 0.5 lines.
+@dataclass
+class Evaluation:
+    """The FSC curves of a pair of half-maps and what they say (:func:`evaluate_maps`)."""
 
-    Each curve is labelled with its 0.143 resolution unless ``labels`` names it; curves named
-    in ``second_panel`` are drawn in a second plot beside the first. NaN (undefined) shells
-    are left blank in the plot and written as ``nan``.
+    curves: dict[str, np.ndarray]  # each (D//2 + 1,), by name as in fsc.csv
+    resolutions_A: dict[str, dict[str, float]]  # {curve: {"0.143": Å, "0.5": Å}}, not for
+    # the cross-validation curves
+    cross_validated: dict[str, float | bool]  # empty without references
+
+    def headline(self) -> dict:
+        """The summary fields: half-map resolution at 0.143 (unmasked, and corrected when the
+        masked curves were made), the map against the truth at 0.143 and 0.5 when there is one,
+        and the cross-validated resolution when there are references."""
+        res = self.resolutions_A
+        out = {"half_map_resolution_A": res["half-maps, unmasked"]["0.143"]}
+        if "half-maps, corrected" in res:
+            out["half_map_resolution_A_corrected"] = res["half-maps, corrected"]["0.143"]
+        if "map vs truth" in res:
+            out["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
+            out["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
+        return {**out, **self.cross_validated}
+
+
+CROSS_VALIDATION_CURVES = {"free": "model vs other half's direct map (FSC free)",
+                           "work": "model vs own half's direct map (FSC work)",
+                           "references": "direct maps of the half-sets",
+                           "estimate": "estimated model vs truth (cross-validated)"}
+
+
+def evaluate_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size_A: float,
+                  truth: torch.Tensor | None = None,
+                  references: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  mask: torch.Tensor | None = None, masked: bool = True,
+                  full_map: torch.Tensor | None = None) -> Evaluation:
+    """Every FSC of two `(D, D, D)` half-maps on one grid.
+
+    - the half-map FSC: unmasked, and with ``masked`` also with a spherical mask, with the
+      auto-mask (or ``mask``) and phase-randomisation corrected (:func:`fsc_curves`);
+    - with ``truth``: the map against it: ``full_map``, or by default the half-maps' average;
+    - with ``references``, the half-sets' own direct reconstructions: the cross-validated
+      estimate of each model against the truth (:func:`cross_validated_fsc`).
     """
-    import csv
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from cryosplat.io.mrc import atomic_path
-
-    k = shell_frequencies(box_size, voxel_size_A)
-    with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f, quoting=csv.QUOTE_MINIMAL)
-        w.writerow(["shell", "frequency_per_A", "resolution_A", *curves])
-        for i in range(len(k)):
-            w.writerow([i, f"{k[i]:.6g}", f"{1 / k[i]:.6g}" if k[i] > 0 else "inf",
-                        *(f"{float(c[i]):.6g}" for c in curves.values())])
-    labels = labels or {}
-    second = [n for n in (second_panel or []) if n in curves]
-    panels = [[n for n in curves if n not in second]] + ([second] if second else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=120, squeeze=False)
-    for ax, names in zip(axes[0], panels):
-        for name in names:
-            c = np.asarray(curves[name], dtype=np.float64)
-            label = labels.get(name, f"{name}: {resolution_A(c, box_size, voxel_size_A):.2f} Å")
-            ax.plot(k[1:], c[1:], label=label)
-        for t in (0.143, 0.5):
-            ax.axhline(t, color="grey", lw=0.8, ls="--")
-        ax.set_xlabel("spatial frequency (1/Å) and resolution")
-        ax.set_ylabel("FSC")
-        ax.set_ylim(-0.1, 1.05)
-        ax.legend(fontsize=7, loc="lower left")
-        ticks = [t for t in ax.get_xticks() if 0 < t <= k[-1] * 1.001]
-        ax.set_xticks(ticks, [f"{t:.2f}\n{1 / t:.1f} Å" for t in ticks])
-    axes[0][0].set_title(title)
-    if second:
-        axes[0][1].set_title("cross-validation against the half-sets' direct maps")
-    fig.tight_layout()
-    with atomic_path(out_png) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    if masked:
+        curves = {f"half-maps, {k}": v
+                  for k, v in fsc_curves(half_map_1, half_map_2, voxel_size_A, mask).items()}
+    else:
+        curves = {"half-maps, unmasked": fsc(half_map_1, half_map_2).numpy()}
+    if truth is not None:
+        full = (half_map_1 + half_map_2) / 2 if full_map is None else full_map
+        curves["map vs truth"] = fsc(full, truth).numpy()
+    cv = {}
+    if references is not None:
+        c = cross_validated_fsc(half_map_1, half_map_2, *references)
+        curves.update({CROSS_VALIDATION_CURVES[k]: c[k] for k in CROSS_VALIDATION_CURVES})
+        r, limit = cross_validated_resolution(c["estimate"], half_map_1.shape[-1], voxel_size_A)
+        cv = {"cross_validated_resolution_A": r, "cross_validated_is_limit": limit}
+    # the cross-validation curves have their own resolution rule (NaN beyond the references'
+    # signal), so they get no 0.143/0.5 crossings here
+    plain = {k: v for k, v in curves.items() if k not in CROSS_VALIDATION_CURVES.values()}
+    return Evaluation(curves, resolutions(plain, half_map_1.shape[-1], voxel_size_A), cv)

@@ -17,7 +17,8 @@ docs/conventions.md. In short:
   ``alignments3D/shift`` in pixels with RELION's origin sign; cryoDRGN stores ``A`` itself
   and the origin as a fraction of the box.
 
-Nothing outside this module converts angles or shifts.
+Nothing outside this module converts angles or shifts; frequency grids and shells are in
+:mod:`cryosplat.fourier`.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from cryosplat.fourier import rfft_frequencies_2d
 
 # ---------------------------------------------------------------------------------------
 # Rotations
@@ -273,22 +276,6 @@ def _per_row(pixel_size_A: torch.Tensor | float, like: torch.Tensor) -> torch.Te
 def grid_1d_A(box_size: int, pixel_size_A: float, device=None, dtype=torch.float32) -> torch.Tensor:
     """FFT-aligned coordinates ``(i - D//2) * pixel_size_A`` of a box; `(D,)` in Å."""
     return (torch.arange(box_size, device=device, dtype=dtype) - box_size // 2) * pixel_size_A
-
-
-def rfft_frequencies_2d(box_size: int, pixel_size_A: float | torch.Tensor = 1.0,
-                        device=None, dtype=torch.float32) -> torch.Tensor:
-    """Spatial frequencies of a ``torch.fft.rfft2`` of a `(D, D)` image, unshifted.
-
-    Returns
-    -------
-    `(D, D//2+1, 2)` ``(ky, kx)`` in 1/Å (cycles per Å). With a tensor of pixel sizes
-    `(B,)` the result is `(B, D, D//2+1, 2)`.
-    """
-    ky = torch.fft.fftfreq(box_size, device=device, dtype=dtype)
-    kx = torch.fft.rfftfreq(box_size, device=device, dtype=dtype)
-    grid = torch.stack(torch.meshgrid(ky, kx, indexing="ij"), dim=-1)
-    p = torch.as_tensor(pixel_size_A, device=device, dtype=dtype)
-    return grid / (p[..., None, None, None] if p.ndim > 0 else p)
 
 
 def translate_rfft(image_rfft: torch.Tensor, translation_A: torch.Tensor,

@@ -16,13 +16,19 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import gemmi
 import numpy as np
 import torch
+from torch_fourier_rescale import fourier_rescale_3d
+from torch_fourier_slice import project_3d_to_2d
 
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams, modulate
 from cryosplat.errors import InputError
-from cryosplat.gmm import voxelise
+from cryosplat.gaussians import voxelise
+from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
+from cryosplat.io.particles import OpticsGroup, Particles
+from cryosplat.io.star import particles_to_star_tables, write_star
 
 
 BIO_ELEMENTS = {"H", "C", "N", "O", "S", "P", "Se", "Na", "Mg", "K", "Ca", "Cl", "Mn", "Fe",
@@ -43,8 +49,6 @@ def atomic_potential_gaussians(path: str | Path, extra_bfactor_A2: float = 0.0
     means_A `(M, 3)`, variances_A2 `(M,)`, amplitudes `(M,)` (float64), and the model's
     centre in its own coordinates (Å), which becomes coordinate 0.
     """
-    import gemmi
-
     path = Path(path)
     try:
         st = gemmi.read_structure(str(path))
@@ -106,8 +110,6 @@ def structure_to_map(path: str | Path, box_size: int, pixel_size_A: float,
     cov = var[:, None, None] * torch.eye(3, dtype=torch.float64)
     if oversampling == 1:
         return voxelise(means, cov, amp, box_size, pixel_size_A), centre
-    from torch_fourier_rescale import fourier_rescale_3d
-
     fine = voxelise(means.float(), cov.float(), amp.float(), oversampling * box_size,
                     pixel_size_A / oversampling)
     vol, _ = fourier_rescale_3d(fine, target_shape=(box_size,) * 3, preserve_mean=True)
@@ -133,6 +135,17 @@ class SimulationConfig:
     seed: int = 0
     batch_size: int = 256
 
+    def check(self) -> None:
+        """Refuse settings no dataset can have, naming the command-line option."""
+        for name, value, ok in (("--particles", self.n_particles, self.n_particles > 0),
+                                ("--box", self.box_size, self.box_size >= 8),
+                                ("--pixel-size", self.pixel_size_A, self.pixel_size_A > 0),
+                                ("--snr", self.snr, self.snr > 0),
+                                ("--defocus-max", self.defocus_max_um,
+                                 self.defocus_max_um >= self.defocus_min_um)):
+            if not ok:
+                raise InputError(None, f"{name} {value}: out of range")
+
 
 def draw_parameters(cfg: SimulationConfig) -> tuple[torch.Tensor, torch.Tensor, CTFParams, torch.Tensor]:
     """Poses (RELION A), origins (Å), CTF and half-sets for ``cfg``, from its seed."""
@@ -155,8 +168,6 @@ def draw_parameters(cfg: SimulationConfig) -> tuple[torch.Tensor, torch.Tensor, 
 
 def project(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
     """Projections of a `(D, D, D)` volume for RELION matrices `(B, 3, 3)`: `(B, D, D)`."""
-    from torch_fourier_slice import project_3d_to_2d
-
     return project_3d_to_2d(volume.float(), geometry.fourier_slice_matrices(rotations).float())
 
 
@@ -194,10 +205,6 @@ def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: Sim
     """Write out_dir/particles.mrcs, particles.star (RELION 3.1, rlnRandomSubset) and
     ground_truth.mrc (the noiseless potential on the reconstruction grid). Streams: memory
     holds one batch of images, whatever the particle count."""
-    from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
-    from cryosplat.io.particles import OpticsGroup, Particles
-    from cryosplat.io.star import particles_to_star_tables, write_star
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     structure = builtin_structure() if structure is None else Path(structure)

@@ -13,11 +13,11 @@ from cryosplat.errors import InputError, malformed
 from cryosplat.io.cryodrgn import read_cryodrgn
 from cryosplat.io.cryosparc import read_cs
 from cryosplat.io.mrc import read_volume, write_volume
-from cryosplat.io.particles import OpticsGroup, Particles
+from cryosplat.io.particles import OpticsGroup, Particles, assign_half_sets
 from cryosplat.io.star import read_star, write_particles
 
-__all__ = ["InputError", "OpticsGroup", "Particles", "read_particles", "read_volume",
-           "write_particles", "write_volume"]
+__all__ = ["InputError", "OpticsGroup", "Particles", "assign_half_sets", "read_particles",
+           "read_volume", "write_particles", "write_volume"]
 
 
 def read_particles(path: str | Path, datadir: str | Path | None = None,

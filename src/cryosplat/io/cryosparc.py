@@ -31,7 +31,7 @@ import torch
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.mrc import ImageSource
+from cryosplat.io.mrc import ImageSource, read_header
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 from cryosplat.io.star import resolve_image_path
 
@@ -68,7 +68,6 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> Particles:
                                    "square; expected one square box size")
         box = int(shape[0, 0])
     else:
-        from cryosplat.io.mrc import read_header
         box = read_header(files[0]).shape[-1]
         defaults["blob/shape"] = f"{box} from the header of {files[0]}"
     pixel = check_range(path, "blob/psize_A", field("blob/psize_A"), 0, np.inf, lo_open=True)

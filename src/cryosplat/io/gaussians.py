@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import gemmi
 import numpy as np
 import torch
 
-from cryosplat.io.mrc import atomic_path
+from cryosplat.io.atomic import atomic_path
 
 
 def _map_frame(means_A: torch.Tensor, box_size: int, voxel_size_A: float) -> np.ndarray:
@@ -28,7 +29,7 @@ def _map_frame(means_A: torch.Tensor, box_size: int, voxel_size_A: float) -> np.
 
 
 def write_ply(path: str | Path, mixture, box_size: int, voxel_size_A: float) -> None:
-    """Write ``mixture`` (a :class:`cryosplat.gmm.GaussianMixture`) as a binary .ply."""
+    """Write ``mixture`` (a :class:`cryosplat.gaussians.GaussianMixture`) as a binary .ply."""
     xyz = _map_frame(mixture.means_A, box_size, voxel_size_A)
     log_s = mixture.log_scales_A.detach().cpu().double().numpy()
     q = mixture.quaternions.detach().cpu().double()
@@ -72,8 +73,6 @@ def read_ply(path: str | Path) -> dict[str, np.ndarray]:
 
 def write_pdb(path: str | Path, mixture, box_size: int, voxel_size_A: float) -> None:
     """Write ``mixture`` as pseudo-atoms in a PDB file (gemmi) that ChimeraX opens."""
-    import gemmi
-
     xyz = _map_frame(mixture.means_A, box_size, voxel_size_A)
     var = (mixture.scales_A.detach().cpu().double() ** 2).mean(-1).numpy()
     amp = mixture.amplitudes.detach().cpu().double().numpy()

@@ -1,4 +1,4 @@
-"""MRC/MRCS images and volumes with mrcfile: headers, lazy positioned reads, atomic writing.
+"""MRC/MRCS images and volumes with mrcfile: headers, lazy positioned reads, writing.
 
 Particle images are read with ``os.pread`` from the byte offsets the header gives, never
 memory-mapped: a memory map leaves every page it touched in the process's resident set, so a
@@ -9,35 +9,20 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import torch
+from torch_fourier_rescale import fourier_rescale_2d
 
 from cryosplat.errors import InputError
+from cryosplat.io.atomic import atomic_path
 
 # MRC modes we read: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
 READABLE_MODES = {0: "int8", 1: "int16", 2: "float32", 6: "uint16", 12: "float16"}
-
-
-@contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary name beside ``path``; rename it onto ``path`` only on success.
-
-    A crash or a full disk leaves any earlier file at ``path`` untouched.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 @dataclass(frozen=True)
@@ -223,8 +208,6 @@ def fourier_crop(images: torch.Tensor, box_size: int) -> torch.Tensor:
 
     Pixel values keep their scale (the mean is preserved); the pixel size grows by D/d.
     """
-    from torch_fourier_rescale import fourier_rescale_2d
-
     out, _ = fourier_rescale_2d(images, target_shape=(box_size, box_size), preserve_mean=True)
     return out
 

@@ -142,6 +142,21 @@ class Particles:
         return -images if self.invert else images
 
 
+def assign_half_sets(particles: Particles, seed: int) -> np.ndarray:
+    """The gold-standard half-set (1 or 2) of each particle, `(N,)`: the file's
+    ``rlnRandomSubset`` (or cryoSPARC split) where every particle has one; otherwise a random,
+    seeded 50/50 split. Every command that splits a dataset calls this, once per run."""
+    half = particles.half_set.numpy().copy()
+    if (half > 0).all():
+        return half
+    g = np.random.default_rng(seed)
+    n = len(half)
+    perm = g.permutation(n)
+    half[perm[: n // 2]] = 1
+    half[perm[n // 2:]] = 2
+    return half
+
+
 def check_finite(source: str | Path, name: str, values: np.ndarray) -> np.ndarray:
     """Refuse NaN/Inf in a metadata column, naming the column and the first bad row."""
     values = np.array(values, dtype=np.float64)  # a writable copy

@@ -14,7 +14,8 @@ import torch
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.mrc import ImageSource, atomic_path, read_header, write_stack
+from cryosplat.io.atomic import atomic_path
+from cryosplat.io.mrc import ImageSource, read_header, write_stack
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")

@@ -1,7 +1,5 @@
-"""Mixtures of normalised 3D Gaussians and their physics-exact, differentiable projection.
-
-The density is ``V(r) = sum_i A_i N(r; mu_i, Sigma_i)`` with ``Sigma_i = R_i S_i S_i^T R_i^T``.
-Coordinates are in Å, xyz, with the origin at voxel/pixel D//2 (cryosplat.geometry).
+"""The physics-exact, differentiable projection of a Gaussian mixture, and the particle
+images it makes through the CTF (the forward model of training).
 
 Projection along the beam after the rotation ``A`` (RELION's matrix, ``r_image = A r_map``) of
 a normalised Gaussian is its normalised 2D marginal:
@@ -28,7 +26,8 @@ Backends, behind :func:`render_rfft`:
 
 Both return ``rfft2`` of the `(D, D)` image array (pixel D//2 at the centre; values are
 density per Å², so ``sum(image) * pixel_size^2`` is the projected mass). The CTF and the
-particle's shift are then applied by :func:`cryosplat.ctf.modulate`.
+particle's shift are then applied by :func:`cryosplat.ctf.modulate`: :func:`model_images_rfft`
+is that whole forward model, image = CTF x shift(projection).
 """
 
 from __future__ import annotations
@@ -38,115 +37,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from cryosplat.geometry import grid_1d_A, quaternion_to_matrix, rfft_frequencies_2d
-
-
-# ---------------------------------------------------------------------------------------
-# The mixture
-# ---------------------------------------------------------------------------------------
-
-
-class GaussianMixture(torch.nn.Module):
-    """``M`` normalised 3D Gaussians; positive quantities are stored through exp/softplus.
-
-    Parameters (``torch.nn.Parameter``):
-
-    - ``means_A`` `(M, 3)`: centres (x, y, z) in Å from the box centre.
-    - ``log_scales_A`` `(M, 3)`: log of the standard deviations along the principal axes.
-    - ``quaternions`` `(M, 4)`: orientation ``(w, x, y, z)``, normalised when used.
-    - ``raw_amplitudes`` `(M,)`: ``amplitudes = amplitude_unit x softplus(raw_amplitudes)``,
-      integrated masses; ``amplitude_unit`` is a buffer (the given amplitudes' mean at
-      construction) that keeps the trained numbers near 1 whatever the data's scale.
-    """
-
-    def __init__(self, means_A: torch.Tensor, scales_A: torch.Tensor,
-                 quaternions: torch.Tensor, amplitudes: torch.Tensor):
-        super().__init__()
-        if not (means_A.ndim == 2 and means_A.shape[1] == 3 and scales_A.shape == means_A.shape
-                and quaternions.shape == (means_A.shape[0], 4)
-                and amplitudes.shape == (means_A.shape[0],)):
-            raise ValueError("expected means (M, 3), scales (M, 3), quaternions (M, 4), "
-                             f"amplitudes (M,); got {tuple(means_A.shape)}, {tuple(scales_A.shape)}"
-                             f", {tuple(quaternions.shape)}, {tuple(amplitudes.shape)}")
-        if (scales_A <= 0).any() or (amplitudes <= 0).any():
-            raise ValueError("scales and amplitudes must be positive")
-        self.means_A = torch.nn.Parameter(means_A.clone())
-        self.log_scales_A = torch.nn.Parameter(scales_A.log())
-        self.quaternions = torch.nn.Parameter(quaternions.clone())
-        unit = amplitudes.detach().mean()
-        self.register_buffer("amplitude_unit", unit.clone())
-        self.raw_amplitudes = torch.nn.Parameter(softplus_inverse(amplitudes / unit))
-
-    def __len__(self) -> int:
-        return self.means_A.shape[0]
-
-    @classmethod
-    def from_raw(cls, means_A: torch.Tensor, log_scales_A: torch.Tensor, quaternions: torch.Tensor,
-                 raw_amplitudes: torch.Tensor, amplitude_unit: torch.Tensor) -> "GaussianMixture":
-        """A mixture from stored (raw) parameters, e.g. a state dict or a densified model."""
-        m = cls(means_A.detach(), log_scales_A.detach().exp(), quaternions.detach(),
-                torch.ones_like(raw_amplitudes.detach()))
-        with torch.no_grad():
-            m.log_scales_A.copy_(log_scales_A)
-            m.raw_amplitudes.copy_(raw_amplitudes)
-            m.amplitude_unit.copy_(amplitude_unit)
-        return m
-
-    @classmethod
-    def random(cls, n: int, radius_A: float, scale_A: float, amplitude: float = 1.0,
-               generator: torch.Generator | None = None, dtype=torch.float32,
-               device=None) -> "GaussianMixture":
-        """``n`` isotropic Gaussians, uniform in a ball of ``radius_A``, random orientations."""
-        u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
-        d = torch.randn(n, 3, generator=generator, dtype=torch.float64)
-        means = d / d.norm(dim=-1, keepdim=True) * radius_A * u ** (1 / 3)
-        q = torch.randn(n, 4, generator=generator, dtype=torch.float64)
-        q = q / q.norm(dim=-1, keepdim=True)
-        kw = dict(dtype=dtype, device=device)
-        return cls(means.to(**kw), torch.full((n, 3), scale_A, **kw), q.to(**kw),
-                   torch.full((n,), amplitude, **kw))
-
-    @property
-    def scales_A(self) -> torch.Tensor:
-        return self.log_scales_A.exp()
-
-    @property
-    def amplitudes(self) -> torch.Tensor:
-        return self.amplitude_unit * F.softplus(self.raw_amplitudes)
-
-    @torch.no_grad()
-    def scale_amplitudes(self, factor: float) -> None:
-        """Multiply every amplitude by ``factor > 0`` (the parameters stay as they are)."""
-        if not factor > 0:
-            raise ValueError(f"amplitude scale factor must be positive, got {factor}")
-        self.amplitude_unit.mul_(factor)
-
-    def covariances(self) -> torch.Tensor:
-        """``R S S^T R^T``: `(M, 3, 3)` in Å²."""
-        return covariance_from_scales(self.scales_A, self.quaternions)
-
-    def render_rfft(self, rotations: torch.Tensor, box_size: int, pixel_size_A: float,
-                    **kwargs) -> torch.Tensor:
-        """:func:`render_rfft` of this mixture for RELION matrices `(B, 3, 3)`."""
-        return render_rfft(self.means_A, self.covariances(), self.amplitudes, rotations,
-                           box_size, pixel_size_A, **kwargs)
-
-    def voxelise(self, box_size: int, voxel_size_A: float, **kwargs) -> torch.Tensor:
-        """The mixture sampled on a `(D, D, D)` grid ([z, y, x], density per Å³)."""
-        return voxelise(self.means_A, self.covariances(), self.amplitudes, box_size,
-                        voxel_size_A, **kwargs)
-
-
-def softplus_inverse(x: torch.Tensor) -> torch.Tensor:
-    """``y`` with ``softplus(y) = x`` for ``x > 0``."""
-    return x + torch.log(-torch.expm1(-x))
-
-
-def covariance_from_scales(scales_A: torch.Tensor, quaternions: torch.Tensor) -> torch.Tensor:
-    """``Sigma = R S S^T R^T`` from `(M, 3)` scales and `(M, 4)` quaternions: `(M, 3, 3)`."""
-    r = quaternion_to_matrix(quaternions)
-    rs = r * scales_A[..., None, :]
-    return rs @ rs.transpose(-1, -2)
+from cryosplat.ctf import CTFParams, modulate
+from cryosplat.fourier import rfft_frequencies_2d
 
 
 def project_gaussians(means_A: torch.Tensor, covariances_A2: torch.Tensor,
@@ -165,11 +57,6 @@ def project_gaussians(means_A: torch.Tensor, covariances_A2: torch.Tensor,
     mean2d = torch.einsum("bij,mj->bmi", a2, means_A)
     cov2d = torch.einsum("bij,mjk,blk->bmil", a2, covariances_A2, a2)
     return mean2d, cov2d
-
-
-# ---------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------
 
 
 def render_rfft(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
@@ -262,10 +149,12 @@ def _window_groups(cov2d: torch.Tensor, pixel_size_A: float, n_sigma: float,
     next of 1, 2, 3, 4, 6, 8, 12, 16, ... (steps of about sqrt 2), at most D.
     """
     widest = torch.linalg.eigvalsh(cov2d.detach()).amax(-1).amax(0).clamp_min(0).sqrt()  # (M,)
-    return _group_by_window(torch.ceil(n_sigma * widest / pixel_size_A), box_size)
+    return group_by_window(torch.ceil(n_sigma * widest / pixel_size_A), box_size)
 
 
-def _group_by_window(need_px: torch.Tensor, box_size: int) -> list[tuple[int, torch.Tensor]]:
+def group_by_window(need_px: torch.Tensor, box_size: int) -> list[tuple[int, torch.Tensor]]:
+    """Gaussians grouped by the window half-width ``h`` (pixels or voxels) they need:
+    ``[(h, indices)]``, ``h`` the next of 1, 2, 3, 4, 6, 8, ... at or above ``need_px``."""
     level = torch.ceil(2 * torch.log2(need_px.clamp_min(1)) - 1e-9).long()  # half-octaves
     groups = []
     for lv in torch.unique(level).tolist():
@@ -368,69 +257,23 @@ class _PatchSplat(torch.autograd.Function):
         return g_mean, g_cov, g_amp, None, None, None
 
 
-# ---------------------------------------------------------------------------------------
-# Voxelising
-# ---------------------------------------------------------------------------------------
+def model_images_rfft(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf: CTFParams,
+                      box_size: int, pixel_size_A: float, n_sigma: float = 4.0,
+                      blur_A: float = 0.0) -> torch.Tensor:
+    """The forward model in rfft space: CTF x shift(projection) of ``mixture`` (a
+    :class:`~cryosplat.gaussians.GaussianMixture`) for `B` particles, `(B, D, D//2+1)`.
 
-
-def voxelise(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
-             box_size: int, voxel_size_A: float, n_sigma: float = 4.0,
-             chunk: int = 4096, budget: int = 1 << 18) -> torch.Tensor:
-    """Sample a Gaussian mixture at the voxel centres of a `(D, D, D)` box, windowed.
-
-    Each Gaussian is evaluated only on the cube of voxels within ``n_sigma`` of its widest
-    axis around its centre, so the cost grows with Gaussians x window, not with the grid.
-    Windows are grouped by size as in the patch renderer.
-
-    Parameters
-    ----------
-    means_A: `(M, 3)` centres (x, y, z) in Å.
-    covariances_A2: `(M, 3, 3)` covariances in Å².
-    amplitudes: `(M,)` integrated masses.
-    box_size, voxel_size_A: the output grid.
-    chunk, budget: at most ``chunk`` Gaussians and ``budget`` Gaussian-voxel pairs at a time.
-        Each pair holds about 60 bytes of temporaries. 2^18 pairs was the fastest of 2^16 to 2^24
-        on a 2-core CPU at box 128: 3.8 s and 55 MiB more peak memory for 30k Gaussians, against
-        11.0 s and 1.5 GiB at 2^24 (benchmarks/voxelise.py, results/voxelise_cpu.json).
-
-    Returns
-    -------
-    `(D, D, D)` volume indexed [z, y, x], in mass per Å³.
+    rotations `(B, 3, 3)` RELION matrices; origin_A `(B, 2)` rlnOriginX/YAngst; ``ctf`` the
+    `B` particles' CTF parameters.
     """
-    d = box_size
-    device, dtype = means_A.device, means_A.dtype
-    vol = torch.zeros(d * d * d, device=device, dtype=dtype)
-    if means_A.shape[0] == 0:
-        return vol.reshape(d, d, d)
-    widest = torch.linalg.eigvalsh(covariances_A2.detach()).amax(-1).clamp_min(0).sqrt()
-    precision = torch.linalg.inv(covariances_A2)
-    norm = amplitudes / torch.sqrt((2 * math.pi) ** 3 * torch.linalg.det(covariances_A2))
-    for half, members in _group_by_window(torch.ceil(n_sigma * widest / voxel_size_A), d):
-        offsets = torch.arange(-half, half + 1, device=device)
-        oz, oy, ox = torch.meshgrid(offsets, offsets, offsets, indexing="ij")
-        window = torch.stack([ox, oy, oz], -1).reshape(-1, 3)  # (W, 3) voxel offsets, xyz
-        step = max(1, min(chunk, budget // window.shape[0]))
-        for s in range(0, len(members), step):
-            sel = members[s:s + step]
-            mu, prec, nrm = means_A[sel], precision[sel], norm[sel]
-            centre = torch.round(mu / voxel_size_A).long() + d // 2  # nearest voxel, xyz index
-            idx = centre[:, None, :] + window[None]  # (m, W, 3)
-            delta = (idx - d // 2).to(dtype) * voxel_size_A - mu[:, None, :]
-            quad = torch.einsum("mwi,mij,mwj->mw", delta, prec, delta)
-            vals = nrm[:, None] * torch.exp(-0.5 * quad)
-            inside = ((idx >= 0) & (idx < d)).all(-1)
-            flat = (idx[..., 2] * d + idx[..., 1]) * d + idx[..., 0]
-            vol = vol.index_add(0, flat[inside], vals[inside])
-    return vol.reshape(d, d, d)
+    f = mixture.render_rfft(rotations, box_size, pixel_size_A, n_sigma=n_sigma, blur_A=blur_A)
+    return modulate(f, origin_A, ctf, pixel_size_A)
 
 
-def voxelise_dense(means_A: torch.Tensor, covariances_A2: torch.Tensor, amplitudes: torch.Tensor,
-                   box_size: int, voxel_size_A: float) -> torch.Tensor:
-    """Reference voxeliser: every Gaussian on every voxel (for tests; cost M x D^3)."""
-    c = grid_1d_A(box_size, voxel_size_A, device=means_A.device, dtype=means_A.dtype)
-    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
-    r = torch.stack([x, y, z], -1).reshape(-1, 1, 3)
-    delta = r - means_A[None]
-    quad = torch.einsum("nmi,mij,nmj->nm", delta, torch.linalg.inv(covariances_A2), delta)
-    norm = amplitudes / torch.sqrt((2 * math.pi) ** 3 * torch.linalg.det(covariances_A2))
-    return (norm * torch.exp(-0.5 * quad)).sum(-1).reshape(box_size, box_size, box_size)
+def model_images(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, ctf: CTFParams,
+                 box_size: int, pixel_size_A: float, n_sigma: float = 4.0,
+                 blur_A: float = 0.0) -> torch.Tensor:
+    """:func:`model_images_rfft` in real space: the mixture's particle images, `(B, D, D)`."""
+    f = model_images_rfft(mixture, rotations, origin_A, ctf, box_size, pixel_size_A, n_sigma,
+                          blur_A)
+    return torch.fft.irfft2(f, s=(box_size, box_size))

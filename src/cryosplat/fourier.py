@@ -1,0 +1,64 @@
+"""Frequency grids and Fourier shells: the one place where cryosplat builds them.
+
+Every grid is that of ``torch.fft.rfft2`` / ``rfftn`` of an FFT-aligned array (pixel or voxel
+D//2 at the centre, docs/conventions.md): frequencies are unshifted unless ``fftshifted``
+says otherwise, in which case the full axes (not the half axis) are ``fftshift``-ed, the
+layout torch-fourier-slice uses. A shell index is ``round(|k| * D)`` with ``|k|`` in cycles
+per pixel, so shell ``i`` is at ``i / (D * pixel_size_A)`` per Å.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rfft_frequencies_2d(box_size: int, pixel_size_A: float | torch.Tensor = 1.0,
+                        device=None, dtype=torch.float32) -> torch.Tensor:
+    """Spatial frequencies of a ``torch.fft.rfft2`` of a `(D, D)` image, unshifted.
+
+    Returns
+    -------
+    `(D, D//2+1, 2)` ``(ky, kx)`` in 1/Å (cycles per Å). With a tensor of pixel sizes
+    `(B,)` the result is `(B, D, D//2+1, 2)`.
+    """
+    ky = torch.fft.fftfreq(box_size, device=device, dtype=dtype)
+    kx = torch.fft.rfftfreq(box_size, device=device, dtype=dtype)
+    grid = torch.stack(torch.meshgrid(ky, kx, indexing="ij"), dim=-1)
+    p = torch.as_tensor(pixel_size_A, device=device, dtype=dtype)
+    return grid / (p[..., None, None, None] if p.ndim > 0 else p)
+
+
+def rfft_radius_3d(box_size: int, fftshifted: bool = False, device=None) -> torch.Tensor:
+    """``|k|`` in cycles per voxel of each element of a `(D, D, D//2+1)` rfftn, float64.
+
+    ``fftshifted``: the z and y axes in ``fftshift`` order (torch-fourier-slice's grids).
+    """
+    k = torch.fft.fftfreq(box_size, dtype=torch.float64, device=device)
+    if fftshifted:
+        k = torch.fft.fftshift(k)
+    kx = torch.fft.rfftfreq(box_size, dtype=torch.float64, device=device)
+    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
+    return torch.sqrt(z**2 + y**2 + x**2)
+
+
+def shell_index_2d(box_size: int, device=None) -> torch.Tensor:
+    """Fourier shell of each element of a `(D, D//2+1)` rfft2: long tensor, unshifted."""
+    k = rfft_frequencies_2d(box_size, 1.0, device=device, dtype=torch.float64)
+    return torch.round(k.norm(dim=-1) * box_size).long()
+
+
+def shell_index_3d(box_size: int, fftshifted: bool = False, device=None) -> torch.Tensor:
+    """Fourier shell of each element of a `(D, D, D//2+1)` rfftn: long tensor."""
+    return torch.round(rfft_radius_3d(box_size, fftshifted, device) * box_size).long()
+
+
+def shell_voxel_counts(box_size: int) -> np.ndarray:
+    """Number of rfft voxels in each FSC shell (|k| rounded to the shell): `(D//2 + 1,)`."""
+    counts = torch.bincount(shell_index_3d(box_size).flatten(), minlength=box_size // 2 + 1)
+    return counts[: box_size // 2 + 1].numpy()
+
+
+def shell_frequencies(box_size: int, voxel_size_A: float) -> np.ndarray:
+    """Spatial frequency of each FSC shell, 1/Å: `(D//2 + 1,)`."""
+    return np.arange(box_size // 2 + 1) / (box_size * voxel_size_A)

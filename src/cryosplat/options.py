@@ -1,0 +1,63 @@
+"""The options that several ``cryosplat`` commands share, defined once: how particles are
+read (:func:`particle_options`), --force, --truth and --mask."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from cryosplat.run import ParticleSource
+
+PARTICLES_HELP = "Particles: .star, .cs, or .mrcs with --poses/--ctf"
+ForceOpt = typer.Option(False, "--force", help="Write into a non-empty --out")
+TruthOpt = typer.Option(None, "--truth", help="Ground-truth map (simulations): also the FSC of "
+                                              "the map against it")
+MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
+                                            "corrected FSC, instead of the soft auto-mask")
+
+
+def _option(name: str, kind, flag: str, default, help: str) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                             default=typer.Option(default, flag, help=help))
+
+
+READ_OPTIONS = [
+    _option("datadir", Optional[Path], "--datadir", None,
+            "Folder that relative image paths are taken from (default: beside the file)"),
+    _option("poses", Optional[Path], "--poses", None, "cryoDRGN poses.pkl (with an .mrcs stack)"),
+    _option("ctf", Optional[Path], "--ctf", None, "cryoDRGN ctf.pkl (with an .mrcs stack)"),
+    _option("pixel_size", Optional[float], "--pixel-size", None,
+            "Pixel size in Å, for files that give none")]
+SUBSET_OPTIONS = [
+    _option("box", Optional[int], "--box", None, "Fourier-crop the particles to this box (pixels)"),
+    _option("max_particles", Optional[int], "--max-particles", None, "Keep the first N particles"),
+    _option("invert", bool, "--invert", False,
+            "Negate the images: for stacks where the molecule is dark (cryoDRGN-style contrast)")]
+
+
+def particle_options(subset: bool = True):
+    """Decorate a command that takes PARTICLES and ``source: ParticleSource``: the command
+    gets the shared reading options (with ``subset``, also --box, --max-particles and
+    --invert) and receives them as one ``source`` (None when PARTICLES is not given)."""
+    extra = READ_OPTIONS + (SUBSET_OPTIONS if subset else [])
+
+    def register(f):
+        sig = inspect.signature(f)
+        params = [p for n, p in sig.parameters.items() if n != "source"]
+
+        @functools.wraps(f)
+        def command(**kw):
+            values = {p.name: kw.pop(p.name) for p in extra}
+            particles = kw.pop("particles")
+            source = None if particles is None else ParticleSource(
+                str(particles), **{k: str(v) if isinstance(v, Path) else v
+                                   for k, v in values.items()})
+            return f(source=source, **kw)
+
+        command.__signature__ = sig.replace(parameters=params + extra)
+        return command
+    return register

@@ -1,0 +1,299 @@
+"""One run folder: what ``backproject``, ``reconstruct`` and ``demo`` do, without a terminal.
+
+A run reads its particles (:class:`ParticleSource`), assigns the half-sets once, makes the
+direct-inversion baseline (:func:`run_backprojection`; for a Gaussian run, the half-sets'
+validation maps), trains (:func:`run_reconstruction`), evaluates once with
+:func:`cryosplat.evaluate.evaluate_maps` and writes every output. Progress is passed in as a
+:data:`ProgressFactory`; the command line gives rich bars, a library caller nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosplat.backproject import Backprojection, backproject
+from cryosplat.errors import InputError, StageError
+from cryosplat.evaluate import evaluate_maps
+from cryosplat.gaussians import model_images
+from cryosplat.io import (Particles, assign_half_sets, read_particles, read_volume,
+                          write_volume)
+from cryosplat.io.atomic import atomic_path, write_json
+from cryosplat.io.gaussians import write_pdb, write_ply
+from cryosplat.report import (describe_cross_validated, plot_montage, plot_training,
+                              write_evaluation, write_report)
+from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.train import (TrainConfig, barrier, check_batch_size, load_checkpoint,
+                             rank_and_world, resolve_device, total_steps, train_gold_standard)
+
+Advance = Callable[..., None]  # advance(n, info="")
+ProgressFactory = Callable[[str, int, int], AbstractContextManager[Advance]]
+
+
+@contextmanager
+def no_progress(description: str, total: int, completed: int = 0) -> Iterator[Advance]:
+    """A :data:`ProgressFactory` that shows nothing."""
+    yield lambda n, info="": None
+
+
+@dataclass
+class ParticleSource:
+    """Where a run's particles come from, as the shared command-line options give it."""
+
+    particles: str
+    datadir: str | None = None
+    poses: str | None = None
+    ctf: str | None = None
+    pixel_size: float | None = None
+    box: int | None = None
+    max_particles: int | None = None
+    invert: bool = False
+
+    def read(self) -> Particles:
+        return read_particles(self.particles, datadir=self.datadir, poses=self.poses,
+                              ctf=self.ctf, pixel_size_A=self.pixel_size, box_size=self.box,
+                              max_particles=self.max_particles, invert=self.invert)
+
+
+@dataclass
+class RunConfig(ParticleSource):
+    """Everything a Gaussian reconstruction was asked to do (``config.json``); the command
+    line's defaults are these."""
+
+    truth: str | None = None
+    mask: str | None = None
+    device: str = "auto"
+    validate: bool = True  # reconstruct each half-set directly, to cross-validate
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(**{**d, "train": TrainConfig(**d["train"])})
+
+
+def load_run(folder: Path) -> tuple[RunConfig, dict]:
+    """The configuration and last checkpoint of the reconstruct run in ``folder``."""
+    for f in ("config.json", "checkpoint.pt"):
+        if not (folder / f).is_file():
+            raise InputError(folder / f, "missing: not a cryosplat reconstruct folder, or the run"
+                                         " stopped before its first checkpoint")
+    config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    return config, load_checkpoint(folder / "checkpoint.pt")
+
+
+def prepare_out_dir(out: Path, force: bool) -> Path:
+    """Create ``out``; refuse to touch an existing non-empty folder without --force."""
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(out, "exists and is not empty; choose another --out or pass --force")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def read_map_like(path: str | Path, box_size: int, voxel_size_A: float,
+                  what: str) -> torch.Tensor:
+    """A map (truth or mask) that must share the reconstruction's grid."""
+    vol, vox = read_volume(path)
+    if vol.shape[0] != box_size or abs(vox - voxel_size_A) > 1e-3:
+        raise InputError(path, f"{what} is {vol.shape[0]} voxels of {vox:g} Å; expected "
+                               f"{box_size} voxels of {voxel_size_A:g} Å like the maps")
+    if what == "mask" and (vol.min() < -1e-3 or vol.max() > 1 + 1e-3):
+        raise InputError(path, f"mask values span [{vol.min():g}, {vol.max():g}]; expected [0, 1]")
+    return torch.from_numpy(vol)
+
+
+def _optional_map(path, p: Particles, what: str) -> torch.Tensor | None:
+    return None if path is None else read_map_like(path, p.box_size, p.require_single_pixel_size(),
+                                                   what)
+
+
+def _write_maps(out: Path, maps: dict[str, torch.Tensor], voxel_size_A: float, stage: str,
+                why: str = "") -> None:
+    """Each map as out/NAME.mrc, after checking that every one is finite."""
+    for name, vol in maps.items():
+        if not torch.isfinite(vol).all():
+            raise StageError(stage, f"NaN/Inf in {name}{why}")
+    for name, vol in maps.items():
+        write_volume(out / f"{name}.mrc", vol, voxel_size_A)
+
+
+def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, mask=None,
+                       progress: ProgressFactory = no_progress,
+                       label: str = "backprojecting") -> tuple[dict, Backprojection]:
+    """Backproject ``p`` with half-sets ``half`` into out/ (maps, fsc.csv, fsc.png,
+    summary.json). Returns (the summary, the :class:`Backprojection`)."""
+    pix = p.require_single_pixel_size()
+    out.mkdir(parents=True, exist_ok=True)
+    with progress(label, len(p), 0) as advance:
+        result = backproject(p, half, progress=advance)
+    _write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
+                      "half_map_2": result.half_map_2}, pix, "backprojection")
+    e = evaluate_maps(result.half_map_1, result.half_map_2, pix, _optional_map(truth, p, "ground truth"),
+                      mask=_optional_map(mask, p, "mask"), full_map=result.map)
+    write_evaluation(out, e, p.box_size, pix, "direct Fourier inversion")
+    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+               **e.headline(), "resolutions_A": e.resolutions_A}
+    write_json(out / "summary.json", summary)
+    return summary, result
+
+
+def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask,
+                          progress: ProgressFactory = no_progress
+                          ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """The half-sets' direct reconstructions in out/backprojection, made once (a resumed run
+    reads them back): the unbiased references of the cross-validated FSC, and the baseline."""
+    folder = out / "backprojection"
+    files = [folder / f"half_map_{i}.mrc" for i in (1, 2)] + [folder / "summary.json"]
+    if all(f.is_file() for f in files):
+        refs = tuple(torch.from_numpy(read_volume(f)[0]) for f in files[:2])
+        return json.loads(files[2].read_text()), refs
+    summary, result = run_backprojection(p, folder, half, truth, mask, progress,
+                                         label="validation: direct inversion of each half-set")
+    return summary, (result.half_map_1, result.half_map_2)
+
+
+def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
+                         new: bool = True) -> tuple[Particles, np.ndarray]:
+    """Read and check the particles of ``config`` and assign their half-sets (once for the
+    whole run); for a ``new`` run, then make ``out`` (refusing a non-empty one without
+    ``force``) and write config.json there. Every check comes before the folder is made.
+    Returns (the particles, the half-set of each)."""
+    p = config.read()
+    p.require_poses(), p.require_ctf(), p.check_images()
+    half = assign_half_sets(p, config.train.seed)
+    check_batch_size(p, half, config.train)
+    if new and rank_and_world()[0] == 0:
+        prepare_out_dir(out, force)
+        write_json(out / "config.json", config.to_dict())
+    barrier()
+    return p, half
+
+
+def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
+                       resume: dict | None = None, baseline: tuple[dict, tuple] | None = None,
+                       progress: ProgressFactory = no_progress) -> dict:
+    """Train the two half-set mixtures of ``config`` on half-sets ``half`` `(N,)` (1 or 2) and
+    write every output into ``out``.
+
+    With ``config.validate`` the half-sets are first reconstructed directly (or ``baseline``,
+    a (summary, half-maps) pair made with the same half-sets, is used) to cross-validate the
+    Gaussian maps' resolution. ``resume`` is a checkpoint to continue from. Under torchrun
+    every rank calls this; rank 0 alone validates, logs and writes, and only it returns the
+    summary (the others return {})."""
+    cfg = config.train
+    dev = resolve_device(config.device)
+    rank, world = rank_and_world()
+    lead = rank == 0
+    pix = p.require_single_pixel_size()
+    gt = _optional_map(config.truth, p, "ground truth")
+
+    def log(msg: str) -> None:
+        if lead:
+            with open(out / "log.txt", "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
+        f"{world} process(es), config {json.dumps(asdict(cfg))}")
+    t_start = time.perf_counter()
+    refs = None
+    if config.validate and lead:
+        baseline = baseline or validation_references(p, out, half, config.truth, config.mask,
+                                                     progress)
+        refs = baseline[1]
+        log(f"validation maps (direct inversion of each half-set): half-maps "
+            f"{baseline[0]['half_map_resolution_A']:.2f} Å")
+    barrier()
+    done0 = 0 if resume is None else 2 * cfg.batch_size * int(resume["halves"][0]["step"])
+    bar = progress if lead else no_progress
+    with bar("training", 2 * cfg.batch_size * total_steps(half, cfg), done0) as advance:
+        t0, count = time.perf_counter(), [0]
+
+        def on_step(n: int, losses: list[float]) -> None:
+            count[0] += n
+            rate = count[0] / max(time.perf_counter() - t0, 1e-9)
+            advance(n, f"{rate:.0f} particles/s, loss {losses[0]:.4g} / {losses[1]:.4g}")
+
+        try:
+            trainers, history, trace = train_gold_standard(
+                p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume, truth=gt,
+                progress=on_step, log=log, config=config.to_dict(), references=refs)
+        except BaseException as e:
+            log(f"stopped during training: {type(e).__name__}: {e}; the last checkpoint is "
+                f"{out / 'checkpoint.pt'} (continue with --resume {out})")
+            raise
+    if not lead:
+        return {}
+    v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
+    _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
+                f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
+    for i, t in enumerate(trainers, 1):
+        model = t.model.cpu()
+        write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)
+        write_pdb(out / f"gaussians_half_{i}.pdb", model, p.box_size, pix)
+        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+        t.model.to(dev)
+    e = evaluate_maps(v1, v2, pix, gt, refs, _optional_map(config.mask, p, "mask"))
+    write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {cfg.n_gaussians} per half-set")
+    plot_training(out / "loss.png", trace, history)
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
+    with torch.no_grad():
+        renders = [model_images(trainers[int(half[i]) - 1].model,
+                                p.rotations[i:i + 1].float().to(dev),
+                                p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
+                                p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu()
+                   for i in idx]
+    plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
+    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+               "device": str(dev), "processes": world, "steps": trainers[0].step,
+               "train_time_s": history[-1]["time_s"],
+               "wall_time_s": time.perf_counter() - t_start, **e.headline(),
+               "resolutions_A": e.resolutions_A, "history": history}
+    if baseline is not None:
+        summary["backprojection"] = baseline[0]
+    write_json(out / "summary.json", summary)
+    summary["report"] = str(write_report(out, summary, config.to_dict()))
+    cv = f"; cross-validated {describe_cross_validated(summary)}" if e.cross_validated else ""
+    log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å{cv}; report {summary['report']}")
+    return summary
+
+
+def run_demo(out: Path, n_particles: int, n_gaussians: int, epochs: float, device: str,
+             progress: ProgressFactory = no_progress,
+             say: Callable[[str], None] = print) -> tuple[dict, dict, SimulationConfig]:
+    """Simulate ``n_particles`` of the built-in 4AKE model into out/data, reconstruct them
+    directly (out/backprojection) and with ``n_gaussians`` densified Gaussians per half-set
+    (out/reconstruction), both against the ground truth. Returns (the Gaussian run's summary,
+    the baseline's, the simulation's settings). ``out`` must exist and be empty."""
+    cfg = SimulationConfig(n_particles=n_particles)
+    say(f"[bold]1. simulate[/bold] {n_particles} particles of the built-in 4AKE model: box "
+        f"{cfg.box_size}, {cfg.pixel_size_A} Å/px, SNR {cfg.snr}, defocus "
+        f"{cfg.defocus_min_um}-{cfg.defocus_max_um} µm")
+    data = out / "data"
+    data.mkdir(exist_ok=True)
+    with progress("simulating", n_particles, 0) as advance:
+        sim = simulate_dataset(None, data, cfg, progress=advance)
+    p = read_particles(sim["particles"])
+    say("[bold]2. baseline[/bold]: direct Fourier inversion with the same half-sets")
+    config = RunConfig(sim["particles"], truth=sim["ground_truth"], device=device,
+                       train=TrainConfig(n_gaussians=n_gaussians, epochs=epochs))
+    half = assign_half_sets(p, config.train.seed)
+    bp, bp_result = run_backprojection(p, out / "backprojection", half, config.truth,
+                                       progress=progress)
+    say(f"[bold]3. reconstruct[/bold]: {n_gaussians} random Gaussians per half-set, "
+        f"{epochs:g} epochs, densify and prune")
+    rec = out / "reconstruction"
+    rec.mkdir(exist_ok=True)
+    write_json(rec / "config.json", config.to_dict())
+    s = run_reconstruction(p, half, rec, config, progress=progress,
+                           baseline=(bp, (bp_result.half_map_1, bp_result.half_map_2)))
+    return s, bp, cfg

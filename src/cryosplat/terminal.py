@@ -1,0 +1,103 @@
+"""What the command line shows: rich consoles, progress bars and tables. Output only: every
+number shown is computed elsewhere."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from cryosplat.report import HALF_MAP_CAUTION, describe_cross_validated
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextmanager
+def progress_bar(description: str, total: int, completed: int = 0) -> Iterator:
+    """A :data:`cryosplat.run.ProgressFactory` drawing a rich bar on stderr; yields
+    ``advance(n, info="")``."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
+                  console=err_console) as bar:
+        task = bar.add_task(description, total=total, completed=completed, info="")
+        yield lambda n, info="": bar.update(task, advance=n, info=info)
+
+
+def print_resolutions(res: dict) -> None:
+    table = Table("FSC", "0.143 (Å)", "0.5 (Å)")
+    for name, r in res.items():
+        table.add_row(name, f"{r['0.143']:.2f}", f"{r['0.5']:.2f}")
+    console.print(table)
+
+
+def print_info(path, summary: dict) -> None:
+    """``cryosplat info``'s tables from :func:`cryosplat.diagnostics.summarise`."""
+    console.print(f"[bold]{path}[/bold]: {summary['particles']} particles, box "
+                  f"{summary['box_size']} px, {summary['image_stacks']} image stack(s)")
+    t = Table(title="optics groups")
+    for c in ("group", "name", "particles", "pixel Å", "kV", "Cs mm", "Q0"):
+        t.add_column(c)
+    for g in summary["optics_groups"]:
+        t.add_row(str(g["number"]), g["name"], str(g["particles"]), f"{g['pixel_size_A']:.4f}",
+                  f"{g['voltage_kV']:g}", f"{g['cs_mm']:g}", f"{g['amplitude_contrast']:g}")
+    console.print(t)
+    d = summary["defocus_um"]
+    console.print("defocus: " + ("none (no CTF parameters)" if d is None else
+                                 f"{d['min']:.2f} to {d['max']:.2f} µm (mean {d['mean']:.2f})"))
+    pc = summary["pose_coverage"]
+    console.print("poses: " + ("none" if pc is None else
+                               f"{pc['occupied_fraction']:.0%} of {pc['directions']} viewing "
+                               f"directions seen; fullest holds {pc['max_over_mean']:.1f}x the mean"))
+    s = summary["shifts_A"]
+    console.print(f"shifts: |origin| up to {s['max_abs']:.2f} Å (rms {s['rms']:.2f} Å)")
+    h = summary["half_sets"]
+    console.print("half-sets: " + (f"defined ({h['1']} + {h['2']})" if h["defined"]
+                                   else "not defined in the file"))
+    for k, v in summary["defaults"].items():
+        console.print(f"[dim]default: {k} -> {v}[/dim]")
+
+
+def print_checks(path, n_particles: int, checks: list[dict], failed: bool) -> None:
+    """``cryosplat validate``'s table from :func:`cryosplat.diagnostics.validation_checks`."""
+    table = Table("check", "status", "detail", title=f"{path}: {n_particles} particles")
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        table.add_row(c["check"], f"[{colour[c['status']]}]{c['status']}[/]", c["detail"])
+    console.print(table)
+    console.print("[red]not ready for reconstruction[/red]" if failed
+                  else "[green]ready for reconstruction[/green]")
+
+
+def print_reconstruction(summary: dict) -> None:
+    """Resolutions of a finished ``reconstruct``, the cross-validated estimate, the caution."""
+    print_resolutions(summary["resolutions_A"])
+    if "cross_validated_resolution_A" in summary:
+        console.print(f"[bold]cross-validated resolution[/bold] (each mixture against the other "
+                      f"half-set's direct map, FSC 0.5): {describe_cross_validated(summary)}")
+    console.print(f"[yellow]caution:[/yellow] {HALF_MAP_CAUTION}")
+    console.print(f"report: {summary['report']}")
+
+
+def print_demo(gaussian: dict, baseline: dict, out, nyquist_A: float, seconds: float) -> None:
+    """The demo's table (both methods' half-map, cross-validated and truth resolutions), its
+    time and where its outputs are."""
+    table = Table("", "half-maps 0.143 (Å)", "cross-val. 0.5 (Å)", "vs truth 0.143 (Å)",
+                  "vs truth 0.5 (Å)")
+    cv = gaussian["cross_validated_resolution_A"]
+    limit = "≤ " if gaussian["cross_validated_is_limit"] else ""
+    for name, r, c in (("Gaussian mixture", gaussian, f"{limit}{cv:.2f}"),
+                       ("direct Fourier inversion", baseline, "")):
+        table.add_row(name, f"{r['half_map_resolution_A']:.2f}", c,
+                      f"{r['truth_resolution_A_0.143']:.2f}", f"{r['truth_resolution_A_0.5']:.2f}")
+    console.print(table)
+    console.print("The half-map FSC of two Gaussian mixtures shares their bias; the cross-"
+                  "validated estimate compares each mixture with the other half-set's direct map "
+                  "(docs/reconstruct.md).")
+    console.print(f"Nyquist {nyquist_A:.2f} Å; {seconds:.0f} s in all")
+    console.print(f"report: [bold]{gaussian['report']}[/bold]")
+    console.print(f"data: {out / 'data'}; baseline: {out / 'backprojection'}; reconstruction: "
+                  f"{out / 'reconstruction'}")
