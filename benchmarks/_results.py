@@ -30,13 +30,14 @@ def write_json(result: dict, out_dir: Path, name: str) -> Path:
     return path
 
 
-def run_child(cmd: list[str], env: dict | None = None) -> tuple[str, float, float]:
-    """Run ``cmd`` (``env`` added to this environment); return its stdout, its wall seconds and
-    its own peak RSS in MiB (``os.wait4`` on its pid, so other children do not count). Exits
-    with the command and the end of its stderr if it fails."""
+def run_child(cmd: list[str], env: dict | None = None,
+              cwd: str | Path | None = None) -> tuple[str, float, float]:
+    """Run ``cmd`` (``env`` added to this environment, in ``cwd``); return its stdout, its wall
+    seconds and its own peak RSS in MiB (``os.wait4`` on its pid, so other children do not
+    count). Exits with the command and the end of its stderr if it fails."""
     t0 = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True,
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
                                 env={**os.environ, **(env or {})})
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - t0

@@ -1,71 +1,135 @@
-"""The direct-Fourier-inversion baseline: simulate and backproject throughput and peak memory,
-and resolution against particle count.
+"""The direct-Fourier-inversion baseline beside RELION's relion_reconstruct: wall time, peak
+memory and FSC against the truth, on particles simulated by cryosplat and by RELION's
+relion_project.
 
-Simulates the built-in 4AKE model (box 128, SNR 0.1, defocus 1-3 um by default) once with the
-largest count, then backprojects the first N particles for each N. Every stage runs as its own
-``cryosplat`` process, so its peak RSS is its own. Prints a table and writes JSON.
+For each simulator, the built-in 4AKE model is simulated once with the largest count
+(``cryosplat simulate``; for ``relion``, ``relion_project --ctf --add_noise --white_noise``
+re-projects its ground truth with the same poses and CTF, sigma set for the same SNR); then
+for each count N, ``cryosplat backproject`` and ``relion_reconstruct --ctf`` (when installed)
+reconstruct the first N particles, each as its own process with ``--threads`` threads
+(RELION 3.1's relion_reconstruct has one). Prints a table and writes JSON; the FSC
+difference is in Fourier shells, positive where cryosplat's map crosses further out.
 
-    .venv/bin/python benchmarks/baseline.py [--counts 2000 5000 20000] [--box 128]
-        [--pixel-size 1.0] [--out benchmarks/results]
+    .venv/bin/python benchmarks/baseline.py [--counts 2000 5000] [--box 96] [--pixel-size 2.0]
+        [--snr 0.05] [--simulators cryosplat relion] [--threads 1] [--out benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 from pathlib import Path
 
+import mrcfile
+import starfile
+import torch
 from _results import machine, run_child, write_json
 
+from cryosplat.evaluate import fsc, resolution_A
 
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Run ``cryosplat ARGS``; return (wall seconds, peak RSS in MiB) of that process."""
-    _, wall, rss = run_child([sys.executable, "-m", "cryosplat", *args])
-    return wall, rss
+HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
+
+
+def simulate(kind: str, work: Path, n: int, args, env: dict) -> tuple[Path, Path, dict]:
+    """(particles STAR, ground truth, timing row) of one simulated dataset."""
+    d = work / f"sim_{kind}"
+    common = ["--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr",
+              str(args.snr), "--max-shift", "6", "--seed", "1", "--force"]
+    _, wall, rss = run_child([sys.executable, "-m", "cryosplat", "simulate", "--out", str(d),
+                              "--particles", str(n), *common], env)
+    row = {"simulator": "cryosplat", "particles": n, "wall_s": wall, "peak_rss_MiB": rss}
+    star, truth = d / "particles.star", d / "ground_truth.mrc"
+    if kind == "relion":
+        rp = ["relion_project", "--i", str(truth), "--ang", str(star), "--ctf"]
+        _, w1, _ = run_child([*rp, "--o", str(d / "clean")], env)
+        var = float(mrcfile.read(d / "clean.mrcs").var(axis=(1, 2)).mean())
+        sigma = (var / args.snr) ** 0.5
+        _, w2, rss = run_child([*rp, "--o", str(d / "relion"), "--add_noise", "--white_noise",
+                                f"{sigma:.6g}"], env)
+        row = {"simulator": "relion_project", "particles": n, "wall_s": w1 + w2,
+               "peak_rss_MiB": rss, "white_noise_sigma": sigma}
+        star = d / "relion.star"
+    return star, truth, row
+
+
+def first(star: Path, n: int) -> Path:
+    """A STAR file beside ``star`` with its first ``n`` particles (image paths unchanged)."""
+    tables = starfile.read(star, always_dict=True)
+    tables["particles"] = tables["particles"].iloc[:n]
+    out = star.with_name(f"{star.stem}_first{n}.star")
+    starfile.write(tables, out)
+    return out
+
+
+def truth_resolutions(volume: Path, truth: torch.Tensor, box: int, pix: float) -> dict:
+    f = fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
+    return {"0.143": resolution_A(f, box, pix), "0.5": resolution_A(f, box, pix, 0.5)}
+
+
+def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
+    """How many Fourier shells ``a`` lies beyond ``b`` (positive: ``a`` is finer)."""
+    return (1 / a_A - 1 / b_A) * box * pix
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--counts", type=int, nargs="+", default=[2000, 5000, 20000])
-    ap.add_argument("--box", type=int, default=128)
-    ap.add_argument("--pixel-size", type=float, default=1.0)
-    ap.add_argument("--snr", type=float, default=0.1)
+    ap.add_argument("--counts", type=int, nargs="+", default=[2000, 5000])
+    ap.add_argument("--box", type=int, default=96)
+    ap.add_argument("--pixel-size", type=float, default=2.0)
+    ap.add_argument("--snr", type=float, default=0.05)
+    ap.add_argument("--simulators", nargs="+", default=["cryosplat", "relion"],
+                    choices=["cryosplat", "relion"])
+    ap.add_argument("--threads", type=int, default=1, help="threads of every process")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--workdir", type=Path, default=None, help="Keep the data here")
     args = ap.parse_args()
+    if "relion" in args.simulators and not HAVE_RELION:
+        print("relion_project not found: simulating with cryosplat only")
+        args.simulators = [s for s in args.simulators if s != "relion"]
 
-    n_max = max(args.counts)
     tmp = tempfile.TemporaryDirectory()
     work = args.workdir or Path(tmp.name)
-    sim = work / "sim"
-    common = ["--box", str(args.box), "--pixel-size", str(args.pixel_size), "--snr", str(args.snr),
-              "--defocus-min", "1", "--defocus-max", "3", "--seed", "0", "--force"]
-    result = {"box_size": args.box, "pixel_size_A": args.pixel_size, "snr": args.snr,
-              "nyquist_A": 2 * args.pixel_size, **machine(), "simulate": [], "backproject": []}
-    # simulate: a small and the large run, to show that memory does not grow with the count
-    for n in sorted({min(args.counts), n_max}):
-        d = sim if n == n_max else work / f"sim_{n}"
-        wall, rss = run_cli(["simulate", "--out", str(d), "--particles", str(n), *common])
-        row = {"particles": n, "wall_s": wall, "particles_per_s": n / wall, "peak_rss_MiB": rss}
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    box, pix = args.box, args.pixel_size
+    result = {"box_size": box, "pixel_size_A": pix, "snr": args.snr, "nyquist_A": 2 * pix,
+              "threads": args.threads, **machine(), "relion": HAVE_RELION, "simulate": [],
+              "backproject": []}
+    for kind in args.simulators:
+        star, truth_path, row = simulate(kind, work, max(args.counts), args, env)
         result["simulate"].append(row)
-        print(f"simulate {n:>6} particles: {wall:7.1f} s, {n / wall:7.1f} particles/s, "
-              f"peak RSS {rss:6.0f} MiB", flush=True)
-    for n in args.counts:
-        d = work / f"bp_{n}"
-        wall, rss = run_cli(["backproject", str(sim / "particles.star"), "--out", str(d),
-                             "--max-particles", str(n), "--truth", str(sim / "ground_truth.mrc"),
-                             "--force"])
-        s = json.loads((d / "summary.json").read_text())
-        row = {"particles": n, "wall_s": wall, "particles_per_s": n / wall, "peak_rss_MiB": rss,
-               **{k: v for k, v in s.items() if "resolution" in k}}
-        result["backproject"].append(row)
-        print(f"backproject {n:>6}: {wall:7.1f} s, {n / wall:6.1f} particles/s, peak RSS "
-              f"{rss:6.0f} MiB; half-maps {s['half_map_resolution_A']:.2f} Å, vs truth "
-              f"{s['truth_resolution_A_0.143']:.2f} Å (0.143) {s['truth_resolution_A_0.5']:.2f} Å (0.5)",
-              flush=True)
-    write_json(result, args.out, "baseline.json")
+        truth = torch.from_numpy(mrcfile.read(truth_path).copy())
+        for n in args.counts:
+            out = work / f"bp_{kind}_{n}"
+            _, wall, rss = run_child([sys.executable, "-m", "cryosplat", "backproject", str(star),
+                                      "--out", str(out), "--max-particles", str(n), "--truth",
+                                      str(truth_path), "--force"], env)
+            s = json.loads((out / "summary.json").read_text())
+            row = {"simulator": kind, "particles": n, "wall_s": wall, "peak_rss_MiB": rss,
+                   "particles_per_s": n / wall, "half_map_resolution_A": s["half_map_resolution_A"],
+                   "truth_resolution_A": truth_resolutions(out / "map.mrc", truth, box, pix)}
+            line = (f"{kind:9} {n:>6}: cryosplat {wall:6.1f} s {rss:6.0f} MiB, vs truth "
+                    f"{row['truth_resolution_A']['0.5']:.2f} Å (0.5), half-maps "
+                    f"{row['half_map_resolution_A']:.2f} Å (0.143)")
+            if HAVE_RELION:
+                subset = first(star, n)
+                _, rwall, rrss = run_child(["relion_reconstruct", "--i", subset.name, "--o",
+                                            str(out / "relion.mrc"), "--ctf"], env,
+                                           cwd=subset.parent)
+                rres = truth_resolutions(out / "relion.mrc", truth, box, pix)
+                row["relion"] = {"wall_s": rwall, "peak_rss_MiB": rrss, "truth_resolution_A": rres}
+                row["wall_ratio"] = wall / rwall
+                row["shells_beyond_relion"] = {
+                    t: shells(row["truth_resolution_A"][t], rres[t], box, pix) for t in rres}
+                line += (f" | RELION {rwall:5.1f} s {rrss:5.0f} MiB, {rres['0.5']:.2f} Å; ratio "
+                         f"{row['wall_ratio']:.2f}, shells beyond RELION at 0.5/0.143: "
+                         f"{row['shells_beyond_relion']['0.5']:+.2f} / "
+                         f"{row['shells_beyond_relion']['0.143']:+.2f}")
+            result["backproject"].append(row)
+            print(line, flush=True)
+    write_json(result, args.out, f"baseline_box{box}.json")
 
 
 if __name__ == "__main__":

@@ -274,3 +274,28 @@ def test_cross_validated_resolution_is_a_limit_when_the_references_run_out():
     est[:9] = np.linspace(1, 0.2, 9)
     r, limit = cross_validated_resolution(est, 32, 2.0)
     assert not limit and r == pytest.approx(resolution_A(est[:9], 32, 2.0, 0.5))
+
+
+def test_auto_mask_equals_the_whole_box_distance_transform():
+    """auto_mask computes the distance transform on the mask's bounding box grown by its
+    reach only; the result equals scipy's transform of the whole box."""
+    from scipy import ndimage
+
+    from cryosplat.fourier import rfft_radius_3d
+
+    g = torch.Generator().manual_seed(3)
+    d, pix = 40, 1.5
+    c = geometry.grid_1d_A(d, pix, dtype=torch.float64)
+    z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+    vol = torch.exp(-((x - 6) ** 2 + (y + 3) ** 2 + (z - 10) ** 2) / 30) \
+        + 0.7 * torch.exp(-((x + 8) ** 2 + y**2 + (z + 5) ** 2) / 15) \
+        + 0.01 * torch.randn(d, d, d, generator=g, dtype=torch.float64)
+    mask = auto_mask(vol, pix)
+    low = torch.fft.irfftn(torch.fft.rfftn(vol) * torch.exp(
+        -0.5 * (rfft_radius_3d(d) / pix * 15.0) ** 2), s=vol.shape)
+    binary = (low > 0.1 * float(low.max())).numpy()
+    dist = torch.from_numpy(ndimage.distance_transform_edt(~binary) * pix) - 3.0
+    t = (dist / 6.0).clamp(0, 1)
+    expected = (0.5 * (1 + torch.cos(torch.pi * t))).float()
+    assert 0 < float(mask.sum()) < 0.5 * d**3  # a mask around the blobs, not the box
+    torch.testing.assert_close(mask, expected, atol=1e-6, rtol=0)

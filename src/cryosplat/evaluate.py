@@ -140,9 +140,17 @@ def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0
     binary = (low > level).numpy()
     if not binary.any():
         raise ValueError(f"auto-mask: no voxel above the threshold {level:g}")
-    outside = ndimage.distance_transform_edt(~binary) * voxel_size_A
-    distance = torch.from_numpy(outside) - extend_A
-    return _soft_edge(distance, soft_edge_A).float()
+    # Only distances below extend + edge matter, and every voxel of the binary mask lies in
+    # its bounding box: the distance transform of that box grown by the reach is exact there,
+    # and everything beyond it is 0 (at box 400 this was most of an evaluation's time).
+    reach = int(np.ceil((extend_A + max(soft_edge_A, 0.0)) / voxel_size_A)) + 1
+    nz = np.nonzero(binary)
+    box = tuple(slice(max(int(i.min()) - reach, 0), min(int(i.max()) + reach + 1, n))
+                for i, n in zip(nz, binary.shape))
+    outside = ndimage.distance_transform_edt(~binary[box]) * voxel_size_A
+    mask = torch.zeros(binary.shape, dtype=torch.float32)
+    mask[box] = _soft_edge(torch.from_numpy(outside) - extend_A, soft_edge_A).float()
+    return mask
 
 
 def cross_validated_fsc(model_1: torch.Tensor, model_2: torch.Tensor,
