@@ -137,16 +137,16 @@ def hermitian_x0(volume: torch.Tensor) -> torch.Tensor:
 
 def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int = 2,
                      batch_size: int = 64, device: str | torch.device = "cpu",
-                     progress=None, nyquist_only: bool = True) -> Insertion:
+                     progress=None) -> Insertion:
     """Insert particles ``indices`` (poses, shifts, CTF from ``particles``): each image is
     padded to ``pad_factor`` x its box, transformed, shifted back by ``+origin``, multiplied by
-    its CTF and inserted (:func:`insert_slices`) with its CTF². ``nyquist_only``: only the
-    frequencies up to the box's Nyquist (RELION's ``r_max``), not the 2D corners beyond it."""
+    its CTF and inserted (:func:`insert_slices`) with its CTF², up to the box's Nyquist
+    (RELION's ``r_max``), not the 2D corners beyond it."""
     d = particles.box_size
     p = pad_factor * d
     before = p // 2 - d // 2  # the image's centre pixel D//2 lands on the padded centre P//2
     num, den = accumulators(p, device)
-    points = slice_points(p, p / 2 if nyquist_only else None, device)
+    points = slice_points(p, p / 2, device)
     rotations = particles.require_poses()
     ctf = particles.require_ctf()
     for s in range(0, len(indices), batch_size):

@@ -121,25 +121,21 @@ class HalfSetTrainer:
         params = [getattr(model, n) for n in PARAMETERS]
         return torch.optim.Adam([{"params": [x], "lr": lr} for x, lr in zip(params, self.base_lrs)])
 
-    def _rebuild(self, keep: torch.Tensor, new: dict[str, torch.Tensor]) -> None:
-        self.model, self.optimizer = rebuild(self.model, self.optimizer, keep, new, self._adam)
-        self.grad_accum = torch.zeros(len(self.model), device=self.device)
+    def _adopt(self, model: GaussianMixture, optimizer: torch.optim.Adam) -> None:
+        """Train ``model`` with ``optimizer`` from now on (after densification or a resize):
+        fresh gradient statistics, no cached map."""
+        self.model, self.optimizer = model, optimizer
+        self.grad_accum = torch.zeros(len(model), device=self.device)
         self._volume = None
-
-    def growing(self) -> bool:
-        """Whether densification still adds Gaussians at the current step."""
-        return self.strategy.growing(self.step, self.total_steps)
 
     def densify_and_prune(self) -> tuple[int, int]:
         """One round of the :class:`DensifyStrategy` now; returns (split, removed)."""
         seed = self.cfg.seed * 7919 + self.half * 104729 + self.step
-        model, self.optimizer, split, removed = self.strategy.refine(
+        model, optimizer, split, removed = self.strategy.refine(
             self.model, self.optimizer, self.grad_accum, self.step, self.total_steps, seed,
             self._adam)
         if model is not self.model:
-            self.model = model
-            self.grad_accum = torch.zeros(len(model), device=self.device)
-            self._volume = None
+            self._adopt(model, optimizer)
         return split, removed
 
     def train_step(self, data: torch.Tensor | None = None) -> float:
@@ -183,9 +179,10 @@ class HalfSetTrainer:
     def load_state_dict(self, state: dict) -> None:
         n = state["model"]["means_A"].shape[0]
         if n != len(self.model):  # densified: rebuild at the checkpoint's size first
-            self._rebuild(torch.zeros(len(self.model), dtype=torch.bool, device=self.device),
-                          {k: v.to(self.device) for k, v in state["model"].items()
-                           if k != "amplitude_unit"})
+            empty = torch.zeros(len(self.model), dtype=torch.bool, device=self.device)
+            self._adopt(*rebuild(self.model, self.optimizer, empty,
+                                 {k: v.to(self.device) for k, v in state["model"].items()
+                                  if k != "amplitude_unit"}, self._adam))
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         if "grad_accum" in state:
