@@ -30,18 +30,35 @@ def write_json(result: dict, out_dir: Path, name: str) -> Path:
     return path
 
 
+# Runs argv[2:] as its child and writes the child's peak RSS (KiB) to the file argv[1]. A
+# child's ru_maxrss counts the memory of the process it was forked from up to its exec, so a
+# child forked from a benchmark that holds torch and maps would report at least that: this
+# launcher, started without site packages, is what the command is forked from instead.
+_LAUNCHER = """
+import os, sys
+pid = os.fork()
+if pid == 0:
+    os.execvp(sys.argv[2], sys.argv[2:])
+_, status, usage = os.wait4(pid, 0)
+open(sys.argv[1], "w").write(str(usage.ru_maxrss))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_child(cmd: list[str], env: dict | None = None,
               cwd: str | Path | None = None) -> tuple[str, float, float]:
     """Run ``cmd`` (``env`` added to this environment, in ``cwd``); return its stdout, its wall
-    seconds and its own peak RSS in MiB (``os.wait4`` on its pid, so other children do not
-    count). Exits with the command and the end of its stderr if it fails."""
+    seconds and its own peak RSS in MiB (``os.wait4`` on its pid, forked from a small launcher
+    whose own memory, about 10 MiB, bounds what is counted beyond the command's). Exits with
+    the command and the end of its stderr if it fails."""
     t0 = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, cwd=cwd,
-                                env={**os.environ, **(env or {})})
-        _, status, usage = os.wait4(proc.pid, 0)
+    with (tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err,
+          tempfile.NamedTemporaryFile("r") as rss):
+        proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, rss.name, *cmd],
+                              stdout=out, stderr=err, text=True, cwd=cwd,
+                              env={**os.environ, **(env or {})}, check=False)
         wall = time.perf_counter() - t0
         out.seek(0), err.seek(0)
-        if os.waitstatus_to_exitcode(status) != 0:
+        if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-        return out.read(), wall, usage.ru_maxrss / 1024
+        return out.read(), wall, int(rss.read()) / 1024

@@ -7,7 +7,8 @@ For each simulator, the built-in 4AKE model is simulated once with the largest c
 re-projects its ground truth with the same poses and CTF, sigma set for the same SNR); then
 for each count N, ``cryosplat backproject`` and ``relion_reconstruct --ctf`` (when installed)
 reconstruct the first N particles, each as its own process with ``--threads`` threads
-(RELION 3.1's relion_reconstruct has one). Prints a table and writes JSON; the FSC
+(RELION 3.1's relion_reconstruct has one). Prints a table and writes JSON
+(``baseline_box{box}_snr{snr}.json``); the FSC
 difference is in Fourier shells, positive where cryosplat's map crosses further out.
 
     .venv/bin/python benchmarks/baseline.py [--counts 2000 5000] [--box 96] [--pixel-size 2.0]
@@ -64,9 +65,12 @@ def first(star: Path, n: int) -> Path:
     return out
 
 
-def truth_resolutions(volume: Path, truth: torch.Tensor, box: int, pix: float) -> dict:
-    f = fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
-    return {"0.143": resolution_A(f, box, pix), "0.5": resolution_A(f, box, pix, 0.5)}
+def truth_curve(volume: Path, truth: torch.Tensor) -> torch.Tensor:
+    return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
+
+
+def truth_resolutions(curve: torch.Tensor, box: int, pix: float) -> dict:
+    return {"0.143": resolution_A(curve, box, pix), "0.5": resolution_A(curve, box, pix, 0.5)}
 
 
 def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
@@ -109,7 +113,8 @@ def main() -> None:
             s = json.loads((out / "summary.json").read_text())
             row = {"simulator": kind, "particles": n, "wall_s": wall, "peak_rss_MiB": rss,
                    "particles_per_s": n / wall, "half_map_resolution_A": s["half_map_resolution_A"],
-                   "truth_resolution_A": truth_resolutions(out / "map.mrc", truth, box, pix)}
+                   "truth_fsc": truth_curve(out / "map.mrc", truth).tolist()}
+            row["truth_resolution_A"] = truth_resolutions(torch.tensor(row["truth_fsc"]), box, pix)
             line = (f"{kind:9} {n:>6}: cryosplat {wall:6.1f} s {rss:6.0f} MiB, vs truth "
                     f"{row['truth_resolution_A']['0.5']:.2f} Å (0.5), half-maps "
                     f"{row['half_map_resolution_A']:.2f} Å (0.143)")
@@ -118,18 +123,25 @@ def main() -> None:
                 _, rwall, rrss = run_child(["relion_reconstruct", "--i", subset.name, "--o",
                                             str(out / "relion.mrc"), "--ctf"], env,
                                            cwd=subset.parent)
-                rres = truth_resolutions(out / "relion.mrc", truth, box, pix)
-                row["relion"] = {"wall_s": rwall, "peak_rss_MiB": rrss, "truth_resolution_A": rres}
+                rcurve = truth_curve(out / "relion.mrc", truth)
+                rres = truth_resolutions(rcurve, box, pix)
+                row["relion"] = {"wall_s": rwall, "peak_rss_MiB": rrss, "truth_resolution_A": rres,
+                                 "truth_fsc": rcurve.tolist()}
+                # a curve that hovers at 0.5 crosses it shells apart on a small difference:
+                # the mean difference over the shells is the steadier comparison
+                row["mean_fsc_difference_vs_relion"] = float(
+                    (torch.tensor(row["truth_fsc"]) - rcurve)[1:].mean())
                 row["wall_ratio"] = wall / rwall
                 row["shells_beyond_relion"] = {
                     t: shells(row["truth_resolution_A"][t], rres[t], box, pix) for t in rres}
                 line += (f" | RELION {rwall:5.1f} s {rrss:5.0f} MiB, {rres['0.5']:.2f} Å; ratio "
                          f"{row['wall_ratio']:.2f}, shells beyond RELION at 0.5/0.143: "
                          f"{row['shells_beyond_relion']['0.5']:+.2f} / "
-                         f"{row['shells_beyond_relion']['0.143']:+.2f}")
+                         f"{row['shells_beyond_relion']['0.143']:+.2f}; mean FSC difference "
+                         f"{row['mean_fsc_difference_vs_relion']:+.3f}")
             result["backproject"].append(row)
             print(line, flush=True)
-    write_json(result, args.out, f"baseline_box{box}.json")
+    write_json(result, args.out, f"baseline_box{box}_snr{args.snr:g}.json")
 
 
 if __name__ == "__main__":

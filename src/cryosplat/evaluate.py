@@ -27,20 +27,45 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
-from torch_fourier_shell_correlation import fsc as _fsc
 
 from cryosplat.fourier import rfft_radius_3d, shell_frequencies, shell_voxel_counts
 from cryosplat.geometry import grid_1d_A
 
 
 def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
-    """FSC of two `(D, D, D)` maps (torch-fourier-shell-correlation): `(D//2 + 1,)`.
+    """FSC of two `(D, D, D)` maps: `(D//2 + 1,)`, float32.
 
-    Shell ``i`` is at spatial frequency ``i / (D * voxel_size_A)``.
+    Shell ``i`` is at spatial frequency ``i / (D * voxel_size_A)``. torch-fourier-shell-
+    correlation's definition (tests/test_physics.py checks the two agree): each rfft voxel
+    at ``|k| D = i + t`` shells counts with weight ``1 - t`` in shell ``i`` and ``t`` in
+    shell ``i + 1`` (voxels past the last shell count in it while within one shell of it),
+    shell 0 is 1. Computed in one pass of ``bincount`` over the voxels, where the library
+    makes a weight vector over every voxel for each shell (O(shells x voxels): 8 minutes of
+    a box-400 run's evaluation).
     """
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")
-    return _fsc(map_a.double(), map_b.double()).float()
+    d = map_a.shape[-1]
+    n = d // 2 + 1
+    fa = torch.fft.rfftn(map_a.float(), dim=(-3, -2, -1)).flatten()
+    fb = torch.fft.rfftn(map_b.float(), dim=(-3, -2, -1)).flatten()
+    coord = (rfft_radius_3d(d, device=fa.device) * d).flatten()
+    low = coord.floor().clamp(max=n - 2)
+    w_high = coord - low  # weight in shell low + 1; past the last shell: 2 - (coord - low)
+    w_low = (1 - w_high).clamp_min(0)
+    w_high = torch.where(w_high > 1, (2 - w_high).clamp_min(0), w_high)
+    low = low.long()
+    ar, ai, br, bi = fa.real.double(), fa.imag.double(), fb.real.double(), fb.imag.double()
+
+    def shells(values: torch.Tensor) -> torch.Tensor:
+        return (torch.bincount(low, values * w_low, minlength=n + 1)
+                + torch.bincount(low + 1, values * w_high, minlength=n + 1))[:n]
+
+    cross = shells(ar * br + ai * bi)
+    norm = torch.sqrt(shells(ar * ar + ai * ai) * shells(br * br + bi * bi))
+    curve = torch.where(norm > 0, cross / norm.clamp_min(1e-300), torch.zeros_like(cross))
+    curve[0] = 1.0
+    return curve.float()
 
 
 def fsc_curves(map_a: torch.Tensor, map_b: torch.Tensor, voxel_size_A: float,

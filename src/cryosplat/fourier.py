@@ -29,16 +29,18 @@ def rfft_frequencies_2d(box_size: int, pixel_size_A: float | torch.Tensor = 1.0,
     return grid / (p[..., None, None, None] if p.ndim > 0 else p)
 
 
-def rfft_radius_3d(box_size: int, fftshifted: bool = False, device=None) -> torch.Tensor:
+def rfft_radius_3d(box_size: int, fftshifted: bool = False, device=None,
+                   rows: slice = slice(None)) -> torch.Tensor:
     """``|k|`` in cycles per voxel of each element of a `(D, D, D//2+1)` rfftn, float64.
 
     ``fftshifted``: the z and y axes in ``fftshift`` order (torch-fourier-slice's grids).
+    ``rows``: only these y rows, `(D, len(rows), D//2+1)` (a large grid a block at a time).
     """
     k = torch.fft.fftfreq(box_size, dtype=torch.float64, device=device)
     if fftshifted:
         k = torch.fft.fftshift(k)
     kx = torch.fft.rfftfreq(box_size, dtype=torch.float64, device=device)
-    z, y, x = torch.meshgrid(k, k, kx, indexing="ij")
+    z, y, x = k[:, None, None], k[rows][None, :, None], kx[None, None, :]
     return torch.sqrt(z**2 + y**2 + x**2)
 
 
@@ -48,9 +50,22 @@ def shell_index_2d(box_size: int, device=None) -> torch.Tensor:
     return torch.round(k.norm(dim=-1) * box_size).long()
 
 
-def shell_index_3d(box_size: int, fftshifted: bool = False, device=None) -> torch.Tensor:
-    """Fourier shell of each element of a `(D, D, D//2+1)` rfftn: long tensor."""
-    return torch.round(rfft_radius_3d(box_size, fftshifted, device) * box_size).long()
+def shell_index_3d(box_size: int, fftshifted: bool = False, device=None,
+                   rows: slice = slice(None)) -> torch.Tensor:
+    """Fourier shell (``|k| D`` rounded) of each element of a `(D, D, D//2+1)` rfftn, only
+    y rows ``rows``: long tensor.
+
+    From the integer ``|k|² D²`` through a table of rounded square roots, which is exact (no
+    integer lies half-way between two shells' squares) and 10x faster than a float ``sqrt``
+    over the grid."""
+    k = torch.fft.fftfreq(box_size, 1 / box_size, device=device).round().long()
+    if fftshifted:
+        k = torch.fft.fftshift(k)
+    kx = torch.arange(box_size // 2 + 1, device=device)
+    r2 = (k * k)[:, None, None] + (k[rows] ** 2)[None, :, None] + (kx * kx)[None, None, :]
+    top = 3 * (box_size // 2 + 1) ** 2
+    table = torch.sqrt(torch.arange(top + 1, device=device, dtype=torch.float64)).round().long()
+    return table[r2]
 
 
 def shell_voxel_counts(box_size: int) -> np.ndarray:
