@@ -13,6 +13,23 @@ import time
 from pathlib import Path
 
 
+def relion_project_noisy(truth: Path, star: Path, out_dir: Path, snr: float,
+                         env: dict | None = None) -> tuple[Path, float, float, float]:
+    """Re-project ``truth`` with RELION's ``relion_project --ctf`` at the poses, shifts and CTF
+    of ``star``, then again with white noise of the sigma that gives ``snr`` (the clean
+    images' mean variance over sigma²). Returns the noisy STAR, the two runs' wall seconds,
+    the noisy run's peak RSS in MiB and sigma."""
+    import mrcfile
+
+    rp = ["relion_project", "--i", str(truth), "--ang", str(star), "--ctf"]
+    _, w1, _ = run_child([*rp, "--o", str(out_dir / "clean")], env)
+    var = float(mrcfile.read(out_dir / "clean.mrcs").var(axis=(1, 2)).mean())
+    sigma = (var / snr) ** 0.5
+    _, w2, rss = run_child([*rp, "--o", str(out_dir / "relion"), "--add_noise", "--white_noise",
+                            f"{sigma:.6g}"], env)
+    return out_dir / "relion.star", w1 + w2, rss, sigma
+
+
 def machine() -> dict:
     """torch's CPU threads, the processor and torch's version, for a result's JSON."""
     import torch

@@ -27,7 +27,7 @@ from pathlib import Path
 import mrcfile
 import starfile
 import torch
-from _results import machine, run_child, write_json
+from _results import machine, relion_project_noisy, run_child, write_json
 
 from cryosplat.evaluate import fsc, resolution_A
 
@@ -44,15 +44,9 @@ def simulate(kind: str, work: Path, n: int, args, env: dict) -> tuple[Path, Path
     row = {"simulator": "cryosplat", "particles": n, "wall_s": wall, "peak_rss_MiB": rss}
     star, truth = d / "particles.star", d / "ground_truth.mrc"
     if kind == "relion":
-        rp = ["relion_project", "--i", str(truth), "--ang", str(star), "--ctf"]
-        _, w1, _ = run_child([*rp, "--o", str(d / "clean")], env)
-        var = float(mrcfile.read(d / "clean.mrcs").var(axis=(1, 2)).mean())
-        sigma = (var / args.snr) ** 0.5
-        _, w2, rss = run_child([*rp, "--o", str(d / "relion"), "--add_noise", "--white_noise",
-                                f"{sigma:.6g}"], env)
-        row = {"simulator": "relion_project", "particles": n, "wall_s": w1 + w2,
+        star, wall, rss, sigma = relion_project_noisy(truth, star, d, args.snr, env)
+        row = {"simulator": "relion_project", "particles": n, "wall_s": wall,
                "peak_rss_MiB": rss, "white_noise_sigma": sigma}
-        star = d / "relion.star"
     return star, truth, row
 
 

@@ -1,0 +1,256 @@
+"""The benchmark suite that no single dataset can fool (issue 16): Gaussian reconstruction
+against direct Fourier inversion and RELION on datasets of several structures, sizes, SNRs
+and particle counts, some simulated by RELION's relion_project rather than by cryosplat.
+
+For each dataset it runs, each as its own process with ``--threads`` threads:
+
+1. ``cryosplat simulate`` (poses, shifts, CTF and the ground truth; for ``relion_project``
+   datasets the images are then re-projected by ``relion_project --ctf --add_noise`` at the
+   same SNR);
+2. ``relion_reconstruct --ctf`` (when installed);
+3. ``cryosplat backproject`` with defaults;
+4. ``cryosplat reconstruct`` with defaults (which also builds its own validation maps).
+
+It reports wall time, peak RSS, the FSC 0.5 and 0.143 crossings against the truth, the
+half-map estimate and (for the Gaussians) the cross-validated estimate. It also reports the
+Gaussian map's distance from direct inversion in Fourier shells, positive where the Gaussian
+map is finer, and the ratio of reconstruct's wall time to RELION's. It writes
+``suite.json`` and ``suite.png`` to --out, and ends with one line naming the worst dataset.
+
+Structures: 4AKE (built in), 4E43 (../shared, or MDAnalysisTests), 3KPR (176 kDa, 10 chains,
+``MDAnalysisTests/data/mmcif/3KPR.pdb.gz`` of the PyPI package MDAnalysisTests 2.11.0, fetched
+with pip into --cache when ../shared lacks it).
+
+    .venv/bin/python benchmarks/suite.py [--datasets NAME ...] [--threads 2]
+        [--workdir DIR] [--cache DIR] [--out benchmarks/results] [--no-gaussians]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mrcfile
+import torch
+from _results import machine, relion_project_noisy, run_child, write_json
+
+from cryosplat.evaluate import fsc, resolution_A
+
+HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
+MDA = "MDAnalysisTests==2.11.0"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    structure: str  # 4AKE, 4E43 or 3KPR
+    simulator: str  # cryosplat or relion_project
+    box: int
+    pixel_size_A: float
+    particles: int
+    snr: float
+
+
+DATASETS = [
+    Dataset("4ake-demo", "4AKE", "cryosplat", 64, 1.5, 2000, 0.1),
+    Dataset("4ake-rp-snr05", "4AKE", "relion_project", 96, 2.0, 5000, 0.05),
+    Dataset("4ake-rp-snr02", "4AKE", "relion_project", 96, 2.0, 3000, 0.02),
+    Dataset("4e43-1k-snr01", "4E43", "cryosplat", 64, 1.5, 1000, 0.01),
+    Dataset("4e43-rp-10k", "4E43", "relion_project", 96, 1.2, 10000, 0.05),
+    # 3KPR spans 166 Å (radius 99 Å about its centre): boxes of 256 Å
+    Dataset("3kpr-5k", "3KPR", "cryosplat", 128, 2.0, 5000, 0.05),
+    Dataset("3kpr-rp-20k", "3KPR", "relion_project", 128, 2.0, 20000, 0.02),
+    Dataset("3kpr-160-2k", "3KPR", "cryosplat", 160, 1.6, 2000, 0.1),
+]
+
+
+def structure_path(name: str, cache: Path) -> Path | None:
+    """The model file of ``name`` (None: the built-in 4AKE), from ../shared or the
+    MDAnalysisTests source package (downloaded once into ``cache``)."""
+    if name == "4AKE":
+        return None
+    member = {"4E43": "4E43.pdb", "3KPR": "mmcif/3KPR.pdb.gz"}[name]
+    shared = SHARED / Path(member).name
+    if shared.exists():
+        return shared
+    target = cache / Path(member).name
+    if not target.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        if not list(cache.glob("mdanalysistests-*.tar.gz")):
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                                "--no-binary", ":all:", MDA, "-d", str(cache)],
+                               capture_output=True, text=True, check=False)
+            if r.returncode != 0:
+                sys.exit(f"could not fetch {MDA} for {member}:\n{r.stderr[-2000:]}")
+        sdist = next(cache.glob("mdanalysistests-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            found = [m for m in tar.getmembers() if m.name.endswith(f"MDAnalysisTests/data/{member}")]
+            if not found:
+                sys.exit(f"{sdist} has no MDAnalysisTests/data/{member}")
+            target.write_bytes(tar.extractfile(found[0]).read())
+    return target
+
+
+def truth_fsc(volume: Path, truth: torch.Tensor) -> torch.Tensor:
+    return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
+
+
+def crossings(curve: torch.Tensor, box: int, pix: float) -> dict:
+    return {"0.143": resolution_A(curve, box, pix), "0.5": resolution_A(curve, box, pix, 0.5)}
+
+
+def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
+    """How many Fourier shells ``a`` lies beyond ``b`` (positive: ``a`` is finer)."""
+    return (1 / a_A - 1 / b_A) * box * pix
+
+
+def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool) -> dict:
+    d = work / ds.name
+    cs = [sys.executable, "-m", "cryosplat"]
+    structure = structure_path(ds.structure, cache)
+    sim = [*cs, "simulate", *([str(structure)] if structure else []), "--out", str(d / "sim"),
+           "--particles", str(ds.particles), "--box", str(ds.box), "--pixel-size",
+           str(ds.pixel_size_A), "--snr", str(ds.snr), "--max-shift", str(3 * ds.pixel_size_A),
+           "--seed", "1", "--force"]
+    _, wall, _ = run_child(sim, env)
+    row = {**asdict(ds), "simulate_s": wall}
+    star, truth_path = d / "sim" / "particles.star", d / "sim" / "ground_truth.mrc"
+    if ds.simulator == "relion_project":
+        if not HAVE_RELION:
+            return {**row, "skipped": "relion_project not installed"}
+        star, wall, _, sigma = relion_project_noisy(truth_path, star, d / "sim", ds.snr, env)
+        row.update(relion_project_s=wall, white_noise_sigma=sigma)
+    truth = torch.from_numpy(mrcfile.read(truth_path).copy())
+    box, pix = ds.box, ds.pixel_size_A
+    curves = {}
+
+    if HAVE_RELION:
+        _, wall, rss = run_child(["relion_reconstruct", "--i", star.name, "--o",
+                                  str(d / "relion.mrc"), "--ctf"], env, cwd=star.parent)
+        curves["relion"] = truth_fsc(d / "relion.mrc", truth)
+        row["relion"] = {"wall_s": wall, "peak_rss_MiB": rss,
+                         "truth_resolution_A": crossings(curves["relion"], box, pix)}
+
+    _, wall, rss = run_child([*cs, "backproject", str(star), "--out", str(d / "backproject"),
+                              "--truth", str(truth_path), "--force"], env)
+    s = json.loads((d / "backproject" / "summary.json").read_text())
+    curves["backproject"] = truth_fsc(d / "backproject" / "map.mrc", truth)
+    row["backproject"] = {"wall_s": wall, "peak_rss_MiB": rss,
+                          "truth_resolution_A": crossings(curves["backproject"], box, pix),
+                          "half_map_resolution_A": s["half_map_resolution_A"]}
+
+    if gaussians:
+        _, wall, rss = run_child([*cs, "reconstruct", str(star), "--out", str(d / "reconstruct"),
+                                  "--truth", str(truth_path), "--force"], env)
+        s = json.loads((d / "reconstruct" / "summary.json").read_text())
+        curves["reconstruct"] = truth_fsc(d / "reconstruct" / "map.mrc", truth)
+        g = crossings(curves["reconstruct"], box, pix)
+        row["reconstruct"] = {
+            "wall_s": wall, "peak_rss_MiB": rss, "steps": s["steps"], "truth_resolution_A": g,
+            "half_map_resolution_A": s["half_map_resolution_A"],
+            "cross_validated_resolution_A": s["cross_validated_resolution_A"],
+            "cross_validated_is_limit": s["cross_validated_is_limit"]}
+        b = row["backproject"]["truth_resolution_A"]
+        row["gaussian_shells_beyond_direct"] = {t: shells(g[t], b[t], box, pix) for t in g}
+        row["gaussian_mean_fsc_minus_direct"] = float(
+            (curves["reconstruct"] - curves["backproject"])[1:].mean())
+        if "relion" in row:
+            row["reconstruct_wall_ratio_to_relion"] = wall / row["relion"]["wall_s"]
+    if "relion" in row:
+        row["backproject_wall_ratio_to_relion"] = (row["backproject"]["wall_s"]
+                                                   / row["relion"]["wall_s"])
+    row["truth_fsc"] = {k: v.tolist() for k, v in curves.items()}
+    return row
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in rows if "backproject" in r]
+    methods = [m for m in ("relion", "backproject", "reconstruct") if any(m in r for r in done)]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(done)), 7))
+    width = 0.8 / len(methods)
+    for i, m in enumerate(methods):
+        x = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(done))]
+        res = [r[m]["truth_resolution_A"]["0.5"] if m in r else float("nan") for r in done]
+        top.bar(x, res, width, label=m)
+        if m != "relion":
+            ratio = [r[m]["wall_s"] / r["relion"]["wall_s"] if m in r and "relion" in r
+                     else float("nan") for r in done]
+            bottom.bar(x, ratio, width, label=m)
+    for ax in (top, bottom):
+        ax.set_xticks(range(len(done)), [r["name"] for r in done], rotation=30, ha="right")
+        ax.legend(fontsize=8)
+    top.set_ylabel("FSC 0.5 vs truth (Å, lower is better)")
+    bottom.set_ylabel("wall time / relion_reconstruct")
+    bottom.axhline(20, color="k", lw=0.8, ls="--")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def summary_line(rows: list[dict]) -> str:
+    scored = [r for r in rows if "gaussian_shells_beyond_direct" in r]
+    if not scored:
+        return "no dataset ran the Gaussians"
+    worst = min(scored, key=lambda r: r["gaussian_shells_beyond_direct"]["0.5"])
+    line = (f"worst: {worst['name']}, the Gaussian map {worst['gaussian_shells_beyond_direct']['0.5']:+.1f}"
+            f" shells from direct inversion at FSC 0.5 vs truth "
+            f"({worst['reconstruct']['truth_resolution_A']['0.5']:.2f} against "
+            f"{worst['backproject']['truth_resolution_A']['0.5']:.2f} Å)")
+    timed = [r for r in scored if "reconstruct_wall_ratio_to_relion" in r]
+    if timed:
+        slow = max(timed, key=lambda r: r["reconstruct_wall_ratio_to_relion"])
+        line += (f"; slowest: {slow['name']}, reconstruct {slow['reconstruct_wall_ratio_to_relion']:.0f}x "
+                 f"relion_reconstruct")
+    return line
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--datasets", nargs="+", choices=[d.name for d in DATASETS],
+                    default=[d.name for d in DATASETS])
+    ap.add_argument("--threads", type=int, default=2, help="threads of every process")
+    ap.add_argument("--workdir", type=Path, default=None, help="Keep the data here")
+    ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cryosplat-suite")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--no-gaussians", action="store_true", help="Skip cryosplat reconstruct")
+    args = ap.parse_args()
+    tmp = tempfile.TemporaryDirectory()
+    work = args.workdir or Path(tmp.name)
+    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    result = {**machine(), "threads": args.threads, "relion": HAVE_RELION, "datasets": []}
+    for ds in (d for d in DATASETS if d.name in args.datasets):
+        row = run_dataset(ds, work, args.cache, env, not args.no_gaussians)
+        result["datasets"].append(row)
+        parts = [f"{ds.name:14}"]
+        for m in ("relion", "backproject", "reconstruct"):
+            if m in row:
+                r = row[m]
+                parts.append(f"{m} {r['wall_s']:6.1f} s {r['truth_resolution_A']['0.5']:5.2f}/"
+                             f"{r['truth_resolution_A']['0.143']:5.2f} Å")
+        if "gaussian_shells_beyond_direct" in row:
+            parts.append(f"Gaussian - direct {row['gaussian_shells_beyond_direct']['0.5']:+.1f} "
+                         f"shells (0.5)")
+        print(" | ".join(parts) if "skipped" not in row else f"{ds.name}: {row['skipped']}",
+              flush=True)
+        write_json(result, args.out, "suite.json")  # after each dataset: a long run keeps its rows
+    result["summary"] = summary_line(result["datasets"])
+    write_json(result, args.out, "suite.json")
+    plot(result["datasets"], args.out / "suite.png")
+    print(result["summary"])
+
+
+if __name__ == "__main__":
+    main()
