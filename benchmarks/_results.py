@@ -30,6 +30,28 @@ def relion_project_noisy(truth: Path, star: Path, out_dir: Path, snr: float,
     return out_dir / "relion.star", w1 + w2, rss, sigma
 
 
+def truth_fsc(volume: Path, truth):
+    """FSC of the map in ``volume`` against the ``truth`` tensor."""
+    import mrcfile
+    import torch
+
+    from cryosplat.evaluate import fsc
+
+    return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
+
+
+def crossings(curve, box: int, pix: float) -> dict:
+    """Where ``curve`` first falls below 0.143 and 0.5 (Å)."""
+    from cryosplat.evaluate import resolution_A
+
+    return {"0.143": resolution_A(curve, box, pix), "0.5": resolution_A(curve, box, pix, 0.5)}
+
+
+def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
+    """How many Fourier shells ``a`` lies beyond ``b`` (positive: ``a`` is finer)."""
+    return (1 / a_A - 1 / b_A) * box * pix
+
+
 def machine() -> dict:
     """torch's CPU threads, the processor and torch's version, for a result's JSON."""
     import torch

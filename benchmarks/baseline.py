@@ -27,9 +27,15 @@ from pathlib import Path
 import mrcfile
 import starfile
 import torch
-from _results import machine, relion_project_noisy, run_child, write_json
-
-from cryosplat.evaluate import fsc, resolution_A
+from _results import (
+    crossings,
+    machine,
+    relion_project_noisy,
+    run_child,
+    shells,
+    truth_fsc,
+    write_json,
+)
 
 HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
 
@@ -57,19 +63,6 @@ def first(star: Path, n: int) -> Path:
     out = star.with_name(f"{star.stem}_first{n}.star")
     starfile.write(tables, out)
     return out
-
-
-def truth_curve(volume: Path, truth: torch.Tensor) -> torch.Tensor:
-    return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
-
-
-def truth_resolutions(curve: torch.Tensor, box: int, pix: float) -> dict:
-    return {"0.143": resolution_A(curve, box, pix), "0.5": resolution_A(curve, box, pix, 0.5)}
-
-
-def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
-    """How many Fourier shells ``a`` lies beyond ``b`` (positive: ``a`` is finer)."""
-    return (1 / a_A - 1 / b_A) * box * pix
 
 
 def main() -> None:
@@ -107,8 +100,8 @@ def main() -> None:
             s = json.loads((out / "summary.json").read_text())
             row = {"simulator": kind, "particles": n, "wall_s": wall, "peak_rss_MiB": rss,
                    "particles_per_s": n / wall, "half_map_resolution_A": s["half_map_resolution_A"],
-                   "truth_fsc": truth_curve(out / "map.mrc", truth).tolist()}
-            row["truth_resolution_A"] = truth_resolutions(torch.tensor(row["truth_fsc"]), box, pix)
+                   "truth_fsc": truth_fsc(out / "map.mrc", truth).tolist()}
+            row["truth_resolution_A"] = crossings(torch.tensor(row["truth_fsc"]), box, pix)
             line = (f"{kind:9} {n:>6}: cryosplat {wall:6.1f} s {rss:6.0f} MiB, vs truth "
                     f"{row['truth_resolution_A']['0.5']:.2f} Å (0.5), half-maps "
                     f"{row['half_map_resolution_A']:.2f} Å (0.143)")
@@ -117,8 +110,8 @@ def main() -> None:
                 _, rwall, rrss = run_child(["relion_reconstruct", "--i", subset.name, "--o",
                                             str(out / "relion.mrc"), "--ctf"], env,
                                            cwd=subset.parent)
-                rcurve = truth_curve(out / "relion.mrc", truth)
-                rres = truth_resolutions(rcurve, box, pix)
+                rcurve = truth_fsc(out / "relion.mrc", truth)
+                rres = crossings(rcurve, box, pix)
                 row["relion"] = {"wall_s": rwall, "peak_rss_MiB": rrss, "truth_resolution_A": rres,
                                  "truth_fsc": rcurve.tolist()}
                 # a curve that hovers at 0.5 crosses it shells apart on a small difference:

@@ -39,9 +39,15 @@ from pathlib import Path
 
 import mrcfile
 import torch
-from _results import machine, relion_project_noisy, run_child, write_json
-
-from cryosplat.evaluate import fsc, resolution_A
+from _results import (
+    crossings,
+    machine,
+    relion_project_noisy,
+    run_child,
+    shells,
+    truth_fsc,
+    write_json,
+)
 
 HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
@@ -97,19 +103,6 @@ def structure_path(name: str, cache: Path) -> Path | None:
                 sys.exit(f"{sdist} has no MDAnalysisTests/data/{member}")
             target.write_bytes(tar.extractfile(found[0]).read())
     return target
-
-
-def truth_fsc(volume: Path, truth: torch.Tensor) -> torch.Tensor:
-    return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
-
-
-def crossings(curve: torch.Tensor, box: int, pix: float) -> dict:
-    return {"0.143": resolution_A(curve, box, pix), "0.5": resolution_A(curve, box, pix, 0.5)}
-
-
-def shells(a_A: float, b_A: float, box: int, pix: float) -> float:
-    """How many Fourier shells ``a`` lies beyond ``b`` (positive: ``a`` is finer)."""
-    return (1 / a_A - 1 / b_A) * box * pix
 
 
 def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool) -> dict:

@@ -177,11 +177,12 @@ def corner_mask(box_size: int, device=None) -> torch.Tensor:
     return spherical_mask(box_size, 1.0, radius_A=box_size / 2, soft_edge_A=3.0).to(device)
 
 
-def _rows(padded_size: int, budget: int = 1 << 23) -> range:
-    """Starts of the y-row blocks that :func:`invert` and :func:`wiener_regulariser` take at
-    a time: each about ``budget`` elements."""
+def _row_blocks(padded_size: int, budget: int = 1 << 23) -> list[slice]:
+    """The blocks of y rows that :func:`invert` and :func:`wiener_regulariser` take at a time
+    from a `(P, P, P//2+1)` grid: each about ``budget`` elements."""
     p = padded_size
-    return range(0, p, max(1, budget // (p * (p // 2 + 1))))
+    step = max(1, budget // (p * (p // 2 + 1)))
+    return [slice(y, min(y + step, p)) for y in range(0, p, step)]
 
 
 def invert(ins: Insertion, regulariser: torch.Tensor | float) -> torch.Tensor:
@@ -207,8 +208,7 @@ def invert(ins: Insertion, regulariser: torch.Tensor | float) -> torch.Tensor:
     phase = torch.exp(-2j * torch.pi * (p // 2) * keep.double() / p).to(torch.complex64)
     per_shell = torch.is_tensor(regulariser)
     zy = torch.empty(d, p, w, dtype=torch.complex64, device=dev)
-    for y0 in _rows(p):
-        rows = slice(y0, min(y0 + _rows(p).step, p))
+    for rows in _row_blocks(p):
         total = ins.denominator[:, rows]
         total = total + (regulariser[shell_index_3d(p, True, dev, rows)] if per_shell
                          else regulariser)
@@ -243,8 +243,7 @@ def wiener_regulariser(half1: Insertion, half2: Insertion) -> torch.Tensor:
     n_shells = int(np.ceil(np.sqrt(3) * (p // 2))) + 1
     sums = torch.zeros(n_shells, dtype=torch.float64, device=dev)
     counts = torch.zeros(n_shells, dtype=torch.float64, device=dev)
-    for y0 in _rows(p):
-        rows = slice(y0, min(y0 + _rows(p).step, p))
+    for rows in _row_blocks(p):
         shells = shell_index_3d(p, True, dev, rows).flatten()
         den = (half1.denominator[:, rows] + half2.denominator[:, rows]).flatten().double()
         sums += torch.bincount(shells, weights=den, minlength=n_shells)
