@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
 
 
 def relion_project_noisy(truth: Path, star: Path, out_dir: Path, snr: float,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +27,7 @@ import mrcfile
 import starfile
 import torch
 from _results import (
+    HAVE_RELION,
     crossings,
     machine,
     relion_project_noisy,
@@ -36,8 +36,6 @@ from _results import (
     truth_fsc,
     write_json,
 )
-
-HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
 
 
 def simulate(kind: str, work: Path, n: int, args, env: dict) -> tuple[Path, Path, dict]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -42,6 +41,7 @@ from pathlib import Path
 import mrcfile
 import torch
 from _results import (
+    HAVE_RELION,
     crossings,
     machine,
     relion_project_noisy,
@@ -53,7 +53,6 @@ from _results import (
 
 from cryosplat.evaluate import fsc, spherical_mask
 
-HAVE_RELION = bool(shutil.which("relion_reconstruct") and shutil.which("relion_project"))
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
 MDA = "MDAnalysisTests==2.11.0"
 

@@ -40,8 +40,8 @@ def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
     at ``|k| D = i + t`` shells counts with weight ``1 - t`` in shell ``i`` and ``t`` in
     shell ``i + 1`` (voxels past the last shell count in it while within one shell of it),
     shell 0 is 1. Computed in one pass of ``bincount`` over the voxels, where the library
-    makes a weight vector over every voxel for each shell (O(shells x voxels): 8 minutes of
-    a box-400 run's evaluation).
+    makes a weight vector over every voxel for each shell (O(shells x voxels): most of an
+    832 s box-400 backproject).
     """
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")

@@ -29,18 +29,16 @@ def rfft_frequencies_2d(box_size: int, pixel_size_A: float | torch.Tensor = 1.0,
     return grid / (p[..., None, None, None] if p.ndim > 0 else p)
 
 
-def rfft_radius_3d(box_size: int, fftshifted: bool = False, device=None,
-                   rows: slice = slice(None)) -> torch.Tensor:
+def rfft_radius_3d(box_size: int, fftshifted: bool = False, device=None) -> torch.Tensor:
     """``|k|`` in cycles per voxel of each element of a `(D, D, D//2+1)` rfftn, float64.
 
     ``fftshifted``: the z and y axes in ``fftshift`` order (torch-fourier-slice's grids).
-    ``rows``: only these y rows, `(D, len(rows), D//2+1)` (a large grid a block at a time).
     """
     k = torch.fft.fftfreq(box_size, dtype=torch.float64, device=device)
     if fftshifted:
         k = torch.fft.fftshift(k)
     kx = torch.fft.rfftfreq(box_size, dtype=torch.float64, device=device)
-    z, y, x = k[:, None, None], k[rows][None, :, None], kx[None, None, :]
+    z, y, x = k[:, None, None], k[None, :, None], kx[None, None, :]
     return torch.sqrt(z**2 + y**2 + x**2)
 
 
