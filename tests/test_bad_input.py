@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mrcfile
 import numpy as np
-import pandas as pd
 import pytest
 import starfile
 
@@ -200,14 +199,30 @@ def _inf_pixels(tmp):
     images = random_images(t)
     images[0, 0, 0] = np.inf
     p = star_dataset(tmp, images=images)
-    return ["reconstruct", p, "--out", tmp / "o", "--no-validate", "--batch", 4], \
+    return ["reconstruct", p, "--out", tmp / "o", "--no-validate", "--batch", 4,
+            "--objective", "images"], "image 1 (1-based) holds NaN or Inf"
+
+
+def _inf_pixels_volume(tmp):
+    t = one_group()
+    images = random_images(t)
+    images[0, 0, 0] = np.inf
+    p = star_dataset(tmp, images=images)
+    return ["reconstruct", p, "--out", tmp / "o", "--no-validate"], \
         "image 1 (1-based) holds NaN or Inf"
 
 
 def _batch_larger_than_half_set(tmp):
     p = star_dataset(tmp)
-    return ["reconstruct", p, "--out", tmp / "o", "--no-validate", "--batch", 32], \
+    return ["reconstruct", p, "--out", tmp / "o", "--no-validate", "--batch", 32,
+            "--objective", "images"], \
         "each half-set needs at least --batch 32 particles"
+
+
+def _half_set_of_one_particle(tmp):
+    p = star_dataset(tmp, n=3)
+    return ["reconstruct", p, "--out", tmp / "o", "--no-validate"], \
+        "each half-set needs at least 2 particles"
 
 
 def _negative_particle_diameter(tmp):
@@ -329,7 +344,8 @@ CASES = [_missing_star, _empty_star, _garbage_star, _no_image_name, _zero_rows,
          _unknown_optics_group, _optics_without_pixel, _nan_defocus, _text_in_numeric_column,
          _half_origin, _bad_random_subset, _bad_image_name, _index_beyond_stack, _missing_stack,
          _empty_stack, _truncated_stack, _unreadable_mode, _non_square, _mismatched_box,
-         _pixel_size_disagrees, _nan_pixels, _inf_pixels, _batch_larger_than_half_set, _negative_particle_diameter,
+         _pixel_size_disagrees, _nan_pixels, _inf_pixels, _inf_pixels_volume, _batch_larger_than_half_set,
+         _half_set_of_one_particle, _negative_particle_diameter,
          _no_poses_for_reconstruct,
          _cs_without_pose, _cs_without_path, _cs_not_structured, _pkl_of_objects,
          _malicious_pkl, _poses_count_mismatch, _ctf_wrong_shape, _unknown_extension,
@@ -350,6 +366,8 @@ def test_bad_input_gives_one_clear_line(case, tmp_path, capsys):
     assert not (tmp_path / "pwned").exists()  # the malicious pkl's payload never ran
     if case is _inf_pixels:  # found while training: the run's log says where it stopped
         assert "stopped during training" in (tmp_path / "o" / "log.txt").read_text()
+    elif case is _inf_pixels_volume:  # found while inserting the particles
+        assert "stopped while inserting" in (tmp_path / "o" / "log.txt").read_text()
     else:  # found before any output was written
         assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 

@@ -7,7 +7,6 @@ import pickle
 
 import mrcfile
 import numpy as np
-import pandas as pd
 import pytest
 import starfile
 import torch

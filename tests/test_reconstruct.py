@@ -154,7 +154,7 @@ def test_cli_reconstruct_writes_every_output_and_resumes(tmp_path):
             "--pixel-size", 4.0, "--snr", 1.0)
     assert r.returncode == 0, r.stderr
     args = ["reconstruct", tmp_path / "sim" / "particles.star", "--out", tmp_path / "rec",
-            "--gaussians", 40, "--epochs", 2, "--checkpoint-every", 2, "--device", "cpu",
+            "--objective", "images", "--gaussians", 40, "--epochs", 2, "--checkpoint-every", 2, "--device", "cpu",
             "--truth", tmp_path / "sim" / "ground_truth.mrc", "--particle-diameter", 70]
     r = run(*args)
     assert r.returncode == 0, r.stderr

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_truth, write_star31
 from test_bad_input import run_cli
 
 
@@ -34,7 +33,7 @@ def sim(tmp_path_factory) -> Path:
     return d / "particles.star"
 
 
-COMMON = ["--gaussians", 40, "--batch", 8, "--no-validate", "--seed", 1, "--device", "cpu",
+COMMON = ["--objective", "images", "--gaussians", 40, "--batch", 8, "--no-validate", "--seed", 1, "--device", "cpu",
           "--checkpoint-every", 3]
 
 

@@ -96,7 +96,7 @@ def test_cli_nproc_2_runs_torchrun_and_rank_0_writes_the_outputs(small, tmp_path
         return subprocess.run([sys.executable, "-m", "cryosplat", *map(str, args)],
                               capture_output=True, text=True, env=env)
 
-    common = ["--gaussians", 30, "--epochs", 1, "--batch", 8, "--device", "cpu",
+    common = ["--objective", "images", "--gaussians", 30, "--epochs", 1, "--batch", 8, "--device", "cpu",
               "--no-validate", "--no-densify", "--seed", 2]
     r2 = run("reconstruct", small, "--out", tmp_path / "two", "--nproc", 2, *common)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -265,16 +265,21 @@ class Backprojection:
     fsc: torch.Tensor
 
 
+def direct_maps(half1: Insertion, half2: Insertion) -> Backprojection:
+    """The Wiener-regularised maps of two half-sets' insertions and of their sum. ``half1``
+    becomes the sum (in place: no third padded grid); pass copies to keep it."""
+    reg = wiener_regulariser(half1, half2)
+    m1, m2 = invert(half1, reg / 2), invert(half2, reg / 2)  # each half holds half the CTF²
+    half1.numerator += half2.numerator
+    half1.denominator += half2.denominator
+    full = invert(half1, reg)
+    return Backprojection(full, m1, m2, fsc(m1, m2))
+
+
 def backproject(particles: Particles, half_set: np.ndarray, batch_size: int = 64,
                 device: str | torch.device = "cpu", progress=None) -> Backprojection:
     """Direct Fourier inversion of the two half-sets separately and together."""
     i1, i2 = np.nonzero(half_set == 1)[0], np.nonzero(half_set == 2)[0]
     h1 = insert_particles(particles, i1, batch_size=batch_size, device=device, progress=progress)
     h2 = insert_particles(particles, i2, batch_size=batch_size, device=device, progress=progress)
-    reg = wiener_regulariser(h1, h2)
-    m1, m2 = invert(h1, reg / 2), invert(h2, reg / 2)  # each half holds half the CTF²
-    h1.numerator += h2.numerator  # the full set, in place: no third padded grid
-    h1.denominator += h2.denominator
-    del h2
-    full = invert(h1, reg)
-    return Backprojection(full, m1, m2, fsc(m1, m2))
+    return direct_maps(h1, h2)

@@ -175,10 +175,27 @@ def reconstruct(
     particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
     source: ParticleSource = None,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder"),
-    gaussians: int = typer.Option(TRAIN.n_gaussians, "--gaussians", help="Gaussians per half-set"),
-    epochs: float = typer.Option(TRAIN.epochs, "--epochs", help="Passes over each half-set"),
-    batch: int = typer.Option(TRAIN.batch_size, "--batch", help="Particles per step and half-set"),
-    lr: float = typer.Option(TRAIN.lr_means_px, "--lr-means", help="Adam step of the means, px"),
+    objective: str = typer.Option(TRAIN.objective, "--objective", help="volume: fit each "
+                                  "half-set's accumulated Fourier sums, all its particles at "
+                                  "once; images: mini-batches of rendered particles"),
+    init: str = typer.Option(TRAIN.init, "--init", help="map: Gaussians start inside each "
+                             "half-set's own direct map, as many as its support holds; random: "
+                             "--gaussians in a ball"),
+    per_voxel: float = typer.Option(TRAIN.gaussians_per_voxel, "--gaussians-per-voxel",
+                                    help="With --init map: Gaussians per voxel of support"),
+    max_steps: int = typer.Option(TRAIN.max_steps, "--max-steps", help="--objective volume: "
+                                  "most Adam steps (it stops earlier on the held-out loss)"),
+    holdout: float = typer.Option(TRAIN.holdout_fraction, "--holdout", help="--objective "
+                                  "volume: share of each half-set's own particles held out to "
+                                  "decide when to stop (0: stop on the training loss)"),
+    gaussians: int = typer.Option(TRAIN.n_gaussians, "--gaussians",
+                                  help="Gaussians per half-set with --init random"),
+    epochs: float = typer.Option(TRAIN.epochs, "--epochs",
+                                 help="--objective images: passes over each half-set"),
+    batch: int = typer.Option(TRAIN.batch_size, "--batch",
+                              help="--objective images: particles per step and half-set"),
+    lr: float = typer.Option(TRAIN.lr_means_px, "--lr-means",
+                             help="--objective images: Adam step of the means, px"),
     densify: bool = typer.Option(TRAIN.densify, "--densify/--no-densify", help="Split Gaussians "
                                  "with large gradients and prune vanishing ones (adaptive count)"),
     max_gaussians: int = typer.Option(TRAIN.max_gaussians, "--max-gaussians",
@@ -206,7 +223,8 @@ def reconstruct(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
     force: bool = ForceOpt,
 ):
-    """Gold-standard Gaussian-mixture reconstruction from random initialisation."""
+    """Gold-standard Gaussian-mixture reconstruction: each half-set's mixture starts inside
+    its own direct map (or at random) and is fitted to its own particles only."""
     if nproc < 1:
         raise InputError(None, f"--nproc {nproc}: expected 1 or more")
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -221,12 +239,11 @@ def reconstruct(
     else:
         if source is None or out is None:
             raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
-        if loss not in ("real", "fourier"):
-            raise InputError(None, f"--loss {loss}: expected real or fourier")
         if not particle_diameter >= 0:
             raise InputError(None, f"--particle-diameter {particle_diameter:g}: expected a "
                                    "diameter in Å, or 0 for no limit")
-        train = TrainConfig(n_gaussians=gaussians, batch_size=batch, epochs=epochs,
+        train = TrainConfig(objective=objective, init=init, gaussians_per_voxel=per_voxel,
+                            max_steps=max_steps, holdout_fraction=holdout, n_gaussians=gaussians, batch_size=batch, epochs=epochs,
                             lr_means_px=lr, loss=loss, densify=densify,
                             max_gaussians=max_gaussians, support_radius_A=particle_diameter / 2,
                             checkpoint_every=checkpoint_every, seed=seed, loader_workers=workers)
@@ -243,9 +260,6 @@ def reconstruct(
 def demo(
     out: Path = typer.Option(Path("demo_out"), "--out", help="Output folder"),
     particles: int = typer.Option(2000, "--particles"),
-    gaussians: int = typer.Option(500, "--gaussians", help="Gaussians per half-set at the start "
-                                                           "(densified up to 4x)"),
-    epochs: float = typer.Option(6.0, "--epochs"),
     device: str = typer.Option("auto", "--device", help="cpu, cuda or auto"),
     force: bool = typer.Option(False, "--force", help="Replace the outputs of an earlier demo"),
 ):
@@ -253,7 +267,7 @@ def demo(
     the direct-Fourier-inversion baseline, and compare both with the ground truth."""
     t0 = time.perf_counter()
     prepare_out_dir(out, force)
-    s, bp, sim = run_demo(out, particles, gaussians, epochs, device, progress_bar, console.print)
+    s, bp, sim = run_demo(out, particles, device, progress_bar, console.print)
     print_demo(s, bp, out, 2 * sim.pixel_size_A, time.perf_counter() - t0)
 
 

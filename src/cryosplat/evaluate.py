@@ -147,6 +147,15 @@ def _soft_edge(distance_A: torch.Tensor, width_A: float) -> torch.Tensor:
     return 0.5 * (1 + torch.cos(torch.pi * t))
 
 
+def lowpass(volume: torch.Tensor, voxel_size_A: float, resolution_A: float) -> torch.Tensor:
+    """``volume`` `(D, D, D)` times a Gaussian in Fourier space whose amplitude is
+    ``exp(-1/2)`` at ``1 / resolution_A``: `(D, D, D)`, same dtype."""
+    d = volume.shape[-1]
+    k_per_A = rfft_radius_3d(d, device=volume.device) / voxel_size_A
+    gauss = torch.exp(-0.5 * (k_per_A * resolution_A) ** 2).to(volume.dtype)
+    return torch.fft.irfftn(torch.fft.rfftn(volume) * gauss, s=volume.shape)
+
+
 def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0,
               threshold: float | None = None, extend_A: float = 3.0,
               soft_edge_A: float = 6.0) -> torch.Tensor:
@@ -156,11 +165,7 @@ def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0
     low-passed map's maximum), the binary mask is extended by ``extend_A`` and given a
     raised-cosine edge ``soft_edge_A`` wide. The distance is Euclidean (scipy).
     """
-    d = volume.shape[-1]
-    f = torch.fft.rfftn(volume.double())
-    k_per_A = rfft_radius_3d(d) / voxel_size_A
-    sigma_k = 1.0 / lowpass_A  # Gaussian whose amplitude is exp(-1/2) at 1/lowpass
-    low = torch.fft.irfftn(f * torch.exp(-0.5 * (k_per_A / sigma_k) ** 2), s=volume.shape)
+    low = lowpass(volume.double(), voxel_size_A, lowpass_A)
     level = 0.1 * float(low.max()) if threshold is None else threshold
     binary = (low > level).numpy()
     if not binary.any():

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryosplat.backproject import Backprojection, backproject
+from cryosplat.backproject import (Backprojection, Insertion, backproject, direct_maps,
+                                   insert_particles)
 from cryosplat.errors import InputError, StageError
 from cryosplat.evaluate import evaluate_maps
 from cryosplat.gaussians import model_images
@@ -32,6 +33,7 @@ from cryosplat.report import (describe_cross_validated, plot_montage, plot_train
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import (TrainConfig, barrier, check_batch_size, load_checkpoint,
                              rank_and_world, resolve_device, total_steps, train_gold_standard)
+from cryosplat.train.volume import fit_gold_standard_volume, make_fits, split_held_out
 
 Advance = Callable[..., None]  # advance(n, info="")
 ProgressFactory = Callable[[str, int, int], AbstractContextManager[Advance]]
@@ -128,13 +130,19 @@ def _write_maps(out: Path, maps: dict[str, torch.Tensor], voxel_size_A: float, s
 
 def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, mask=None,
                        progress: ProgressFactory = no_progress,
-                       label: str = "backprojecting") -> tuple[dict, Backprojection]:
+                       label: str = "backprojecting",
+                       insertions: tuple[Insertion, Insertion] | None = None
+                       ) -> tuple[dict, Backprojection]:
     """Backproject ``p`` with half-sets ``half`` into out/ (maps, fsc.csv, fsc.png,
-    summary.json). Returns (the summary, the :class:`Backprojection`)."""
+    summary.json), or invert the half-sets' ``insertions`` when given (the first becomes
+    their sum). Returns (the summary, the :class:`Backprojection`)."""
     pix = p.require_single_pixel_size()
     out.mkdir(parents=True, exist_ok=True)
-    with progress(label, len(p), 0) as advance:
-        result = backproject(p, half, progress=advance)
+    if insertions is not None:
+        result = direct_maps(*insertions)
+    else:
+        with progress(label, len(p), 0) as advance:
+            result = backproject(p, half, progress=advance)
     _write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
                       "half_map_2": result.half_map_2}, pix, "backprojection")
     e = evaluate_maps(result.half_map_1, result.half_map_2, pix, _optional_map(truth, p, "ground truth"),
@@ -147,17 +155,20 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
 
 
 def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask,
-                          progress: ProgressFactory = no_progress
+                          progress: ProgressFactory = no_progress,
+                          insertions: tuple[Insertion, Insertion] | None = None
                           ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """The half-sets' direct reconstructions in out/backprojection, made once (a resumed run
-    reads them back): the unbiased references of the cross-validated FSC, and the baseline."""
+    reads them back): the unbiased references of the cross-validated FSC, and the baseline.
+    ``insertions``: the half-sets' insertions, when already made (the first is consumed)."""
     folder = out / "backprojection"
     files = [folder / f"half_map_{i}.mrc" for i in (1, 2)] + [folder / "summary.json"]
     if all(f.is_file() for f in files):
         refs = tuple(torch.from_numpy(read_volume(f)[0]) for f in files[:2])
         return json.loads(files[2].read_text()), refs
     summary, result = run_backprojection(p, folder, half, truth, mask, progress,
-                                         label="validation: direct inversion of each half-set")
+                                         label="validation: direct inversion of each half-set",
+                                         insertions=insertions)
     return summary, (result.half_map_1, result.half_map_2)
 
 
@@ -170,7 +181,12 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
     p = config.read()
     p.require_poses(), p.require_ctf(), p.check_images()
     half = assign_half_sets(p, config.train.seed)
-    check_batch_size(p, half, config.train)
+    if config.train.objective == "images":
+        check_batch_size(p, half, config.train)
+    elif min(int((half == h).sum()) for h in (1, 2)) < 2:
+        raise InputError(p.source, f"each half-set needs at least 2 particles (one to fit, one "
+                                   f"to hold out); they hold {int((half == 1).sum())} and "
+                                   f"{int((half == 2).sum())}")
     if new and rank_and_world()[0] == 0:
         prepare_out_dir(out, force)
         write_json(out / "config.json", config.to_dict())
@@ -204,6 +220,64 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
         f"{world} process(es), config {json.dumps(asdict(cfg))}")
     t_start = time.perf_counter()
+    if cfg.objective == "volume":
+        if world > 1:
+            raise InputError(None, "--objective volume fits each half-set in one process; "
+                                   "--nproc is for --objective images")
+        trainers, history, trace, refs, baseline = _fit_volume(
+            p, half, out, config, dev, gt, resume, baseline, progress, log)
+    elif cfg.objective == "images":
+        trainers, history, trace, refs, baseline = _train_images(
+            p, half, out, config, dev, gt, resume, baseline, progress, log)
+    else:
+        raise InputError(None, f"objective {cfg.objective!r}: expected 'volume' or 'images'")
+    if not lead:
+        return {}
+    v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
+    _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
+                f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
+    for i, t in enumerate(trainers, 1):
+        model = t.model.cpu()
+        write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)
+        write_pdb(out / f"gaussians_half_{i}.pdb", model, p.box_size, pix)
+        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
+            torch.save(model.state_dict(), tmp)
+        t.model.to(dev)
+    e = evaluate_maps(v1, v2, pix, gt, refs, _optional_map(config.mask, p, "mask"))
+    write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {len(trainers[0].model)} and "
+                                                f"{len(trainers[1].model)} Gaussians")
+    plot_training(out / "loss.png", trace, history)
+    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
+    with torch.no_grad():
+        renders = [model_images(trainers[int(half[i]) - 1].model,
+                                p.rotations[i:i + 1].float().to(dev),
+                                p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
+                                p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu()
+                   for i in idx]
+    plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
+    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
+               "device": str(dev), "processes": world, "steps": trainers[0].step,
+               "train_time_s": history[-1]["time_s"],
+               "wall_time_s": time.perf_counter() - t_start, **e.headline(),
+               "resolutions_A": e.resolutions_A, "history": history,
+               "gaussians": [len(t.model) for t in trainers], "objective": cfg.objective}
+    if cfg.objective == "volume":
+        summary["stopped"] = [t.stop_reason for t in trainers]
+    if baseline is not None:
+        summary["backprojection"] = baseline[0]
+    write_json(out / "summary.json", summary)
+    summary["report"] = str(write_report(out, summary, config.to_dict()))
+    cv = f"; cross-validated {describe_cross_validated(summary)}" if e.cross_validated else ""
+    log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å{cv}; report {summary['report']}")
+    return summary
+
+
+def _train_images(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
+                  dev: torch.device, gt, resume, baseline, progress: ProgressFactory, log):
+    """``objective="images"``: mini-batches of rendered particles (:mod:`cryosplat.train`).
+    Returns (trainers, history, trace, validation references or None, baseline)."""
+    cfg = config.train
+    lead = rank_and_world()[0] == 0
     refs = None
     if config.validate and lead:
         baseline = baseline or validation_references(p, out, half, config.truth, config.mask,
@@ -230,48 +304,71 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
             log(f"stopped during training: {type(e).__name__}: {e}; the last checkpoint is "
                 f"{out / 'checkpoint.pt'} (continue with --resume {out})")
             raise
-    if not lead:
-        return {}
-    v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
-    _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
-                f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
-    for i, t in enumerate(trainers, 1):
-        model = t.model.cpu()
-        write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)
-        write_pdb(out / f"gaussians_half_{i}.pdb", model, p.box_size, pix)
-        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
-            torch.save(model.state_dict(), tmp)
-        t.model.to(dev)
-    e = evaluate_maps(v1, v2, pix, gt, refs, _optional_map(config.mask, p, "mask"))
-    write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {cfg.n_gaussians} per half-set")
-    plot_training(out / "loss.png", trace, history)
-    idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
-    with torch.no_grad():
-        renders = [model_images(trainers[int(half[i]) - 1].model,
-                                p.rotations[i:i + 1].float().to(dev),
-                                p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
-                                p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu()
-                   for i in idx]
-    plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
-    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "device": str(dev), "processes": world, "steps": trainers[0].step,
-               "train_time_s": history[-1]["time_s"],
-               "wall_time_s": time.perf_counter() - t_start, **e.headline(),
-               "resolutions_A": e.resolutions_A, "history": history}
-    if baseline is not None:
-        summary["backprojection"] = baseline[0]
-    write_json(out / "summary.json", summary)
-    summary["report"] = str(write_report(out, summary, config.to_dict()))
-    cv = f"; cross-validated {describe_cross_validated(summary)}" if e.cross_validated else ""
-    log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å{cv}; report {summary['report']}")
-    return summary
+    return trainers, history, trace, refs, baseline
 
 
-def run_demo(out: Path, n_particles: int, n_gaussians: int, epochs: float, device: str,
+def _fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
+                dev: torch.device, gt, resume, baseline, progress: ProgressFactory, log):
+    """``objective="volume"``: each half-set's mixture fitted to its accumulated Fourier sums
+    (:mod:`cryosplat.train.volume`), seeded inside its own direct map
+    (:mod:`cryosplat.train.seeding`) or at random. The insertions also give the validation
+    maps. Returns (fits, history, trace, validation references or None, baseline)."""
+    cfg = config.train
+    pix = p.require_single_pixel_size()
+    sets = [split_held_out(np.nonzero(half == h)[0], cfg.holdout_fraction, cfg.seed, h)
+            for h in (1, 2)]
+    ins: list[tuple[Insertion, Insertion | None]] = []
+    with progress("inserting each half-set's particles", len(p), 0) as advance:
+        try:
+            for train, held in sets:
+                ins.append((insert_particles(p, train, device=dev, progress=advance),
+                            insert_particles(p, held, device=dev, progress=advance)
+                            if len(held) else None))
+        except BaseException as e:
+            log(f"stopped while inserting the particles: {type(e).__name__}: {e}")
+            raise
+    fits = make_fits(ins, cfg, pix, dev, resume, out, log)
+    for h, (train, held) in enumerate(sets, 1):
+        log(f"half-set {h}: {len(train)} particles fitted, {len(held)} held out")
+    refs = None
+    if config.validate:
+        if baseline is None:
+            full = None
+            if not (out / "backprojection" / "summary.json").is_file():  # else read back
+                full = tuple(Insertion(t.numerator + (0 if o is None else o.numerator),
+                                       t.denominator + (0 if o is None else o.denominator),
+                                       t.box_size, t.padded_size) for t, o in ins)
+            baseline = validation_references(p, out, half, config.truth, config.mask,
+                                             progress, insertions=full)
+        refs = baseline[1]
+        log(f"validation maps (direct inversion of each half-set): half-maps "
+            f"{baseline[0]['half_map_resolution_A']:.2f} Å")
+    del ins
+    history = trace = None
+    if resume is not None:
+        history, trace = list(resume["history"]), [list(r) for r in resume["trace"]]
+        log(f"resumed at step {fits[0].step}")
+    elapsed = history[-1]["time_s"] if history else 0.0
+    with progress("fitting (stops on held-out loss)", cfg.max_steps, fits[0].step) as advance:
+        def on_step(n: int, held: list[float]) -> None:
+            advance(n, f"held-out loss {held[0]:.5g} / {held[1]:.5g}")
+
+        try:
+            history, trace = fit_gold_standard_volume(
+                fits, cfg, gt, refs, out / "checkpoint.pt", history, trace, elapsed, on_step,
+                log, config.to_dict())
+        except BaseException as e:
+            log(f"stopped during fitting: {type(e).__name__}: {e}; the last checkpoint is "
+                f"{out / 'checkpoint.pt'} (continue with --resume {out})")
+            raise
+    return fits, history, trace, refs, baseline
+
+
+def run_demo(out: Path, n_particles: int, device: str,
              progress: ProgressFactory = no_progress,
              say: Callable[[str], None] = print) -> tuple[dict, dict, SimulationConfig]:
     """Simulate ``n_particles`` of the built-in 4AKE model into out/data, reconstruct them
-    directly (out/backprojection) and with ``n_gaussians`` densified Gaussians per half-set
+    directly (out/backprojection) and with Gaussian mixtures at the default settings
     (out/reconstruction), both against the ground truth. Returns (the Gaussian run's summary,
     the baseline's, the simulation's settings). ``out`` must exist and be empty."""
     cfg = SimulationConfig(n_particles=n_particles)
@@ -284,13 +381,12 @@ def run_demo(out: Path, n_particles: int, n_gaussians: int, epochs: float, devic
         sim = simulate_dataset(None, data, cfg, progress=advance)
     p = read_particles(sim["particles"])
     say("[bold]2. baseline[/bold]: direct Fourier inversion with the same half-sets")
-    config = RunConfig(sim["particles"], truth=sim["ground_truth"], device=device,
-                       train=TrainConfig(n_gaussians=n_gaussians, epochs=epochs))
+    config = RunConfig(sim["particles"], truth=sim["ground_truth"], device=device)
     half = assign_half_sets(p, config.train.seed)
     bp, bp_result = run_backprojection(p, out / "backprojection", half, config.truth,
                                        progress=progress)
-    say(f"[bold]3. reconstruct[/bold]: {n_gaussians} random Gaussians per half-set, "
-        f"{epochs:g} epochs, densify and prune")
+    say("[bold]3. reconstruct[/bold]: Gaussians seeded inside each half-set's own direct map, "
+        "fitted to that half-set's particles until its held-out particles stop improving")
     rec = out / "reconstruction"
     rec.mkdir(exist_ok=True)
     write_json(rec / "config.json", config.to_dict())
