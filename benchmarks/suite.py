@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,7 +118,7 @@ def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool
            str(ds.pixel_size_A), "--snr", str(ds.snr), "--max-shift", str(3 * ds.pixel_size_A),
            "--seed", "1", "--force"]
     _, wall, _ = run_child(sim, env)
-    row = {**asdict(ds), "simulate_s": wall}
+    row = {**asdict(ds), "simulate_s": wall, "run_at": time.strftime("%Y-%m-%d %H:%M")}
     star, truth_path = d / "sim" / "particles.star", d / "sim" / "ground_truth.mrc"
     if ds.simulator == "relion_project":
         if not HAVE_RELION:
@@ -195,8 +196,9 @@ def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """FSC 0.5 resolution against the truth per dataset and method (top) and wall time over
-    relion_reconstruct's (bottom)."""
+    """FSC 0.5 resolution against the truth per dataset and method (top), the Gaussian map's
+    mean FSC against the truth less the direct map's, unmasked and inside the Gaussians' own
+    supports (middle), and wall time over relion_reconstruct's (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -204,7 +206,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     done = [r for r in rows if "backproject" in r]
     methods = [m for m in ("relion", "backproject", "reconstruct") if any(m in r for r in done)]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 1.3 * len(done)), 7))
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(max(6, 1.3 * len(done)), 10))
     width = 0.8 / len(methods)
     colour = {"relion": "tab:grey", "backproject": "tab:blue", "reconstruct": "tab:orange"}
     for i, m in enumerate(methods):
@@ -215,7 +217,16 @@ def plot(rows: list[dict], path: Path) -> None:
             ratio = [r[m]["wall_s"] / r["relion"]["wall_s"] if m in r and "relion" in r
                      else float("nan") for r in done]
             bottom.bar(x, ratio, width, label=m, color=colour[m])
-    for ax in (top, bottom):
+    for i, (key, label) in enumerate((
+            ("gaussian_mean_fsc_minus_direct", "direct map"),
+            ("gaussian_mean_fsc_minus_direct_in_own_supports", "direct map in the own supports"))):
+        middle.bar([j + (i - 0.5) * 0.4 for j in range(len(done))],
+                   [r.get(key, float("nan")) for r in done], 0.4, label=f"Gaussian - {label}",
+                   color=("tab:blue", "tab:purple")[i])
+    middle.axhline(0, color="k", lw=0.8)
+    middle.set_ylabel("mean FSC vs truth, difference")
+    middle.legend(fontsize=8)
+    for ax in (top, middle, bottom):
         ax.set_xticks(range(len(done)), [r["name"] for r in done], rotation=30, ha="right")
     top.legend(fontsize=8)
     top.set_ylabel("FSC 0.5 vs truth (Å, lower is better)")
@@ -236,6 +247,11 @@ def summary_line(rows: list[dict]) -> str:
             f" shells from direct inversion at FSC 0.5 vs truth "
             f"({worst['reconstruct']['truth_resolution_A']['0.5']:.2f} against "
             f"{worst['backproject']['truth_resolution_A']['0.5']:.2f} Å)")
+    masked = [r for r in scored if "gaussian_mean_fsc_minus_direct_in_own_supports" in r]
+    if masked:
+        m = min(masked, key=lambda r: r["gaussian_mean_fsc_minus_direct_in_own_supports"])
+        line += (f"; least gain over the direct map in the same supports: {m['name']}, mean FSC "
+                 f"{m['gaussian_mean_fsc_minus_direct_in_own_supports']:+.3f}")
     timed = [r for r in scored if "reconstruct_wall_ratio_to_relion" in r]
     if timed:
         slow = max(timed, key=lambda r: r["reconstruct_wall_ratio_to_relion"])
@@ -253,14 +269,21 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cryosplat-suite")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--no-gaussians", action="store_true", help="Skip cryosplat reconstruct")
+    ap.add_argument("--merge", type=Path, default=None, help="An earlier suite.json: keep its "
+                    "rows for the datasets not run now (rerun one dataset on a quiet machine)")
     args = ap.parse_args()
     tmp = tempfile.TemporaryDirectory()
     work = args.workdir or Path(tmp.name)
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     result = {**machine(), "threads": args.threads, "relion": HAVE_RELION, "datasets": []}
+    earlier = {} if args.merge is None else {
+        r["name"]: r for r in json.loads(args.merge.read_text())["datasets"]}
+    new: dict[str, dict] = {}
     for ds in (d for d in DATASETS if d.name in args.datasets):
         row = run_dataset(ds, work, args.cache, env, not args.no_gaussians)
-        result["datasets"].append(row)
+        new[ds.name] = row
+        rows = {**earlier, **new}
+        result["datasets"] = [rows[d.name] for d in DATASETS if d.name in rows]
         parts = [f"{ds.name:14}"]
         for m in ("relion", "backproject", "reconstruct"):
             if m in row:

@@ -119,9 +119,15 @@ def plot_training(path, trace: list[list[float]], history: list[dict]) -> None:
     if len(t):
         for i, name in ((1, "half 1"), (2, "half 2")):
             a.plot(t[:, 0], t[:, i], lw=0.7, label=name)
+        if t.shape[1] >= 5:  # objective "volume": the held-out particles' loss too
+            for i, name in ((3, "half 1, held out"), (4, "half 2, held out")):
+                a.plot(t[:, 0], t[:, i], "--", lw=0.7, label=name)
     a.set_xlabel("step")
-    a.set_ylabel("MSE loss")
-    a.set_yscale("log")
+    if len(t) and np.nanmin(t[:, 1:]) > 0:
+        a.set_ylabel("MSE loss")
+        a.set_yscale("log")
+    else:  # the accumulated-sums loss is the image MSE less an unknown constant
+        a.set_ylabel("loss (image MSE less a constant)")
     a.legend(fontsize=8)
     times = [r["time_s"] for r in history]
     b.plot(times, [r["half_map_resolution_A"] for r in history], "o-", label="half-maps (0.143)")
@@ -179,8 +185,10 @@ def write_report(out_dir, summary: dict, config: dict) -> Path:
 img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 <h1>cryosplat reconstruction</h1>
 <p>{summary.get('particles', '?')} particles, box {summary.get('box_size')} px of
-{summary.get('pixel_size_A', 0):.3f} Å, {config.get('train', config).get('n_gaussians')} Gaussians per half-set at the start,
+{summary.get('pixel_size_A', 0):.3f} Å, objective {html.escape(str(summary.get('objective', 'images')))},
+{' and '.join(str(n) for n in summary.get('gaussians', [])) or '?'} Gaussians at the end,
 {summary.get('steps')} steps in {summary.get('train_time_s', 0):.0f} s on {html.escape(str(summary.get('device')))}.</p>
+{''.join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>" for i, w in enumerate(summary.get('stopped', []), 1))}
 <h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
 <h2>FSC</h2>{img('fsc.png')}

@@ -75,6 +75,8 @@ def print_checks(path, n_particles: int, checks: list[dict], failed: bool) -> No
 def print_reconstruction(summary: dict) -> None:
     """Resolutions of a finished ``reconstruct``, the cross-validated estimate, the caution."""
     print_resolutions(summary["resolutions_A"])
+    for i, why in enumerate(summary.get("stopped", []), 1):
+        console.print(f"half-set {i} stopped: {why}")
     if "cross_validated_resolution_A" in summary:
         console.print(f"[bold]cross-validated resolution[/bold] (each mixture against the other "
                       f"half-set's direct map, FSC 0.5): {describe_cross_validated(summary)}")

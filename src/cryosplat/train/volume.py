@@ -302,7 +302,7 @@ def fit_gold_standard_volume(fits: list[HalfSetVolumeFit], cfg: TrainConfig,
                 if f.done:
                     log(f"half-set {f.half} stopped at step {f.step}: {f.stop_reason}")
         step = max(f.step for f in fits)
-        trace.append([step, last[0][0], last[1][0]])
+        trace.append([step, last[0][0], last[1][0], last[0][1], last[1][1]])
         if progress is not None:
             progress(1, [last[0][1], last[1][1]])
         finished = all(f.done for f in fits)
