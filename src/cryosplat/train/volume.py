@@ -42,15 +42,15 @@ from cryosplat.train.seeding import own_support, seed_mixture
 
 
 class AccumulatedObjective:
-    """:math:`L(V)` of the module docstring for one insertion, on unshifted padded grids."""
+    """:math:`L(V)` of the module docstring for one insertion. The insertion's grids are used
+    as they are (fftshifted along z and y, not copied: at box 256 each is 0.8 GB); the
+    model's transform is shifted to match."""
 
     def __init__(self, ins: Insertion):
         d, p = ins.box_size, ins.padded_size
         dev = ins.numerator.device
         self.box_size, self.padded_size = d, p
-        # the insertions are fftshifted along z and y; the model's rfftn is not
-        self.numerator = torch.fft.ifftshift(ins.numerator, dim=(0, 1))
-        self.denominator = torch.fft.ifftshift(ins.denominator, dim=(0, 1))
+        self.numerator, self.denominator = ins.numerator, ins.denominator
         # each element of an rfftn's x > 0 half stands for itself and its conjugate
         self.hermitian = torch.full((p // 2 + 1,), 2.0, device=dev)
         self.hermitian[0] = 1.0
@@ -63,13 +63,13 @@ class AccumulatedObjective:
         self.norm = 1.0 / float((self.denominator * self.hermitian).sum().clamp_min(1e-30))
 
     def transform(self, volume: torch.Tensor) -> torch.Tensor:
-        """The padded, unshifted rfftn `(P, P, P//2+1)` of a `(D, D, D)` box map (voxel D//2 at
-        the padded origin), times the gridding taper."""
+        """The padded rfftn `(P, P, P//2+1)` of a `(D, D, D)` box map times the gridding taper
+        (voxel D//2 at the padded origin), fftshifted along z and y as the insertions are."""
         p = self.padded_size
         k = self.keep
         pad = volume.new_zeros(p, p, p)
         pad[k[:, None, None], k[None, :, None], k[None, None, :]] = volume * self.taper
-        return torch.fft.rfftn(pad)
+        return torch.fft.fftshift(torch.fft.rfftn(pad), dim=(0, 1))
 
     def __call__(self, transform: torch.Tensor) -> torch.Tensor:
         """The loss of a model's :meth:`transform` (a scalar, minus an unknown constant)."""
