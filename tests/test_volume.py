@@ -218,3 +218,39 @@ def test_nan_in_a_volume_fit_stops_the_run_naming_the_stage(tmp_path, capsys, mo
     assert code == 1 and "Traceback" not in err
     assert f"error: {where} stage:" in err
     assert not (out / "map.mrc").exists()
+
+
+@pytest.mark.parametrize("box", [15, 16])
+def test_the_axis_by_axis_padded_transform_is_the_padded_rfftn(box):
+    """The model's transform equals the plain route: taper, zero-pad with voxel D//2 at the
+    padded origin, rfftn of the whole padded box, fftshift along z and y."""
+    from cryosplat.backproject import Insertion
+
+    p = 2 * box
+    w = p // 2 + 1
+    ins = Insertion(torch.zeros(p, p, w, dtype=torch.complex128),
+                    torch.ones(p, p, w, dtype=torch.float64), box, p)
+    obj = AccumulatedObjective(ins)
+    vol = torch.randn(box, box, box, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    k = obj.keep
+    s = torch.sinc(torch.fft.fftfreq(p, dtype=torch.float64)[k]) ** 2
+    pad = torch.zeros(p, p, p, dtype=torch.float64)
+    pad[k[:, None, None], k[None, :, None], k[None, None, :]] = (
+        vol * s[:, None, None] * s[None, :, None] * s[None, None, :])
+    expected = torch.fft.fftshift(torch.fft.rfftn(pad), dim=(0, 1))
+    torch.testing.assert_close(obj.transform(vol), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_random_start_is_calibrated_on_its_own_sums_and_then_fits(clean):
+    p, _ = clean
+    cfg = TrainConfig(init="random", n_gaussians=60, holdout_fraction=0.0)
+    ins = insert_particles(p, np.arange(200))
+    fit = make_fits([(ins, None), (ins, None)], cfg, 3.0, torch.device("cpu"))[0]
+    with torch.no_grad():  # calibrated: scaling the amplitudes either way only raises the loss
+        base = float(fit.objective(fit.objective.transform(fit._voxelise())))
+        for factor in (0.8, 1.25):
+            fit.model.scale_amplitudes(factor)
+            assert float(fit.objective(fit.objective.transform(fit._voxelise()))) > base
+            fit.model.scale_amplitudes(1 / factor)
+    losses = [fit.train_step()[0] for _ in range(15)]
+    assert losses[-1] < losses[0]

@@ -189,6 +189,8 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
                                    f"{int((half == 2).sum())}")
     if new and rank_and_world()[0] == 0:
         prepare_out_dir(out, force)
+        if (out / "log.txt").exists():  # --force: a new run's log starts empty, the old is kept
+            (out / "log.txt").replace(out / "log.previous.txt")
         write_json(out / "config.json", config.to_dict())
     barrier()
     return p, half

@@ -57,19 +57,33 @@ class AccumulatedObjective:
         if p % 2 == 0:
             self.hermitian[-1] = 1.0
         self.keep = (torch.arange(d, device=dev) - d // 2) % p  # box voxel -> padded index
-        s = torch.sinc(torch.fft.fftfreq(p, device=dev)[self.keep]) ** 2
-        self.taper = s[:, None, None] * s[None, :, None] * s[None, None, :]
+        s = torch.sinc(torch.fft.fftfreq(p, device=dev, dtype=torch.float64)[self.keep]) ** 2
+        # (-1)^n on padded voxel n fftshifts an even axis's transform: z and y get it here
+        sign = 1.0 - 2.0 * (self.keep % 2).to(s.dtype) if p % 2 == 0 else None
+        zy = s if sign is None else s * sign
+        self.taper = zy[:, None, None] * zy[None, :, None] * s[None, None, :]
+        self._shifted_by_sign = sign is not None
         # per unit of sum CTF²: the loss is a mean squared residual per Fourier sample
         self.norm = 1.0 / float((self.denominator * self.hermitian).sum().clamp_min(1e-30))
 
     def transform(self, volume: torch.Tensor) -> torch.Tensor:
         """The padded rfftn `(P, P, P//2+1)` of a `(D, D, D)` box map times the gridding taper
-        (voxel D//2 at the padded origin), fftshifted along z and y as the insertions are."""
-        p = self.padded_size
-        k = self.keep
-        pad = volume.new_zeros(p, p, p)
-        pad[k[:, None, None], k[None, :, None], k[None, None, :]] = volume * self.taper
-        return torch.fft.fftshift(torch.fft.rfftn(pad), dim=(0, 1))
+        (voxel D//2 at the padded origin), fftshifted along z and y as the insertions are.
+
+        One axis at a time (x, y, then z), padding each just before its transform: the
+        zeros of the padded box are never transformed along an axis where they stay zero,
+        which is 0.6x the work of an ``rfftn`` of the whole padded box."""
+        p, d, k = self.padded_size, self.box_size, self.keep
+        x = volume.new_zeros(d, d, p)
+        x[..., k] = volume * self.taper.to(volume.dtype)
+        f = torch.fft.rfft(x, dim=2)  # (D, D, P//2+1)
+        y = f.new_zeros(d, p, f.shape[2])
+        y[:, k] = f
+        f = torch.fft.fft(y, dim=1)  # (D, P, P//2+1)
+        z = f.new_zeros(p, p, f.shape[2])
+        z[k] = f
+        f = torch.fft.fft(z, dim=0)
+        return f if self._shifted_by_sign else torch.fft.fftshift(f, dim=(0, 1))
 
     def __call__(self, transform: torch.Tensor) -> torch.Tensor:
         """The loss of a model's :meth:`transform` (a scalar, minus an unknown constant)."""
