@@ -134,7 +134,7 @@ class HalfSetVolumeFit:
         t = self.objective.transform(self._voxelise())
         loss = self.objective(t)
         with torch.no_grad():
-            watched = loss if self.held_out is None else self.held_out(t)
+            watched = loss.detach() if self.held_out is None else self.held_out(t)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if not torch.isfinite(loss):
