@@ -183,6 +183,9 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
     half = assign_half_sets(p, config.train.seed)
     if config.train.objective == "images":
         check_batch_size(p, half, config.train)
+    elif rank_and_world()[1] > 1:
+        raise InputError(None, "--objective volume fits each half-set in one process; "
+                               "--nproc is for --objective images")
     elif min(int((half == h).sum()) for h in (1, 2)) < 2:
         raise InputError(p.source, f"each half-set needs at least 2 particles (one to fit, one "
                                    f"to hold out); they hold {int((half == 1).sum())} and "
@@ -222,17 +225,9 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     log(f"cryosplat reconstruct: {len(p)} particles, box {p.box_size}, {pix:.4f} Å, device {dev}, "
         f"{world} process(es), config {json.dumps(asdict(cfg))}")
     t_start = time.perf_counter()
-    if cfg.objective == "volume":
-        if world > 1:
-            raise InputError(None, "--objective volume fits each half-set in one process; "
-                                   "--nproc is for --objective images")
-        trainers, history, trace, refs, baseline = _fit_volume(
-            p, half, out, config, dev, gt, resume, baseline, progress, log)
-    elif cfg.objective == "images":
-        trainers, history, trace, refs, baseline = _train_images(
-            p, half, out, config, dev, gt, resume, baseline, progress, log)
-    else:
-        raise InputError(None, f"objective {cfg.objective!r}: expected 'volume' or 'images'")
+    train = _fit_volume if cfg.objective == "volume" else _train_images  # TrainConfig checks
+    trainers, history, trace, refs, baseline = train(p, half, out, config, dev, gt, resume,
+                                                     baseline, progress, log)
     if not lead:
         return {}
     v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation

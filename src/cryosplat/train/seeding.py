@@ -18,7 +18,7 @@ import torch
 
 from cryosplat.backproject import Insertion, invert
 from cryosplat.errors import InputError
-from cryosplat.evaluate import lowpass
+from cryosplat.evaluate import lowpass, spherical_mask
 from cryosplat.gaussians import GaussianMixture
 
 
@@ -41,9 +41,9 @@ def own_support(ins: Insertion, voxel_size_A: float, lowpass_A: float = 15.0,
     own = invert(ins, float(ins.denominator.mean()))
     d = own.shape[-1]
     low = lowpass(own, voxel_size_A, max(lowpass_A, 4 * voxel_size_A))
-    c = torch.arange(d, dtype=torch.float32, device=own.device) - d // 2
-    r = torch.sqrt(c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2)
-    edge = low[(r > 0.40 * d) & (r < 0.48 * d)]
+    outer, inner = (spherical_mask(d, 1.0, f * d, soft_edge_A=0.0).to(own.device) > 0
+                    for f in (0.48, 0.40))
+    edge = low[outer & ~inner]  # a shell near the box's edge, where the molecule is not
     noise = float(1.4826 * (edge - edge.median()).abs().median())
     threshold = max(noise_sigmas * noise, min_fraction * float(low.max()))
     mask = low > threshold

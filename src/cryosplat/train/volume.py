@@ -32,7 +32,7 @@ import torch
 
 from cryosplat.backproject import Insertion
 from cryosplat.errors import StageError
-from cryosplat.evaluate import evaluate_maps
+from cryosplat.evaluate import evaluate_maps, spherical_mask
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.io.mrc import write_volume
 from cryosplat.train.config import TrainConfig
@@ -253,9 +253,8 @@ def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainCo
         elif cfg.init == "map":
             support = own_support(train, pix)
             if cfg.support_radius_A > 0:
-                c = torch.arange(box, device=support.mask.device) - box // 2
-                r2 = c[:, None, None] ** 2 + c[None, :, None] ** 2 + c[None, None, :] ** 2
-                support.mask &= r2 * pix**2 <= cfg.support_radius_A**2
+                sphere = spherical_mask(box, pix, cfg.support_radius_A, soft_edge_A=0.0)
+                support.mask &= sphere.to(support.mask.device) > 0
             model = seed_mixture(support, pix, cfg.gaussians_per_voxel, cfg.seed_scale_px,
                                  cfg.max_seed_gaussians,
                                  torch.Generator().manual_seed(cfg.seed * 1000 + h), label)
