@@ -164,14 +164,9 @@ def test_volume_fit_beats_direct_inversion_at_low_snr_and_keeps_halves_apart(noi
 
 def test_cli_volume_run_writes_its_outputs_says_why_it_stopped_and_resumes(tmp_path):
     import json
-    import subprocess
-    import sys
 
     import mrcfile
-
-    def run(*args):
-        return subprocess.run([sys.executable, "-m", "cryosplat", *map(str, args)],
-                              capture_output=True, text=True)
+    from test_reliability import cli as run
 
     r = run("simulate", "--out", tmp_path / "sim", "--particles", 200, "--box", 24,
             "--pixel-size", 4.0, "--snr", 0.5)

@@ -20,6 +20,7 @@ from cryosplat.backproject import Insertion, invert
 from cryosplat.errors import InputError
 from cryosplat.evaluate import lowpass, spherical_mask
 from cryosplat.gaussians import GaussianMixture
+from cryosplat.train.config import TrainConfig
 
 
 @dataclass
@@ -48,6 +49,18 @@ def own_support(ins: Insertion, voxel_size_A: float, lowpass_A: float = 15.0,
     threshold = max(noise_sigmas * noise, min_fraction * float(low.max()))
     mask = low > threshold
     return Support(own, mask, threshold, noise)
+
+
+def random_mixture(cfg: TrainConfig, box_size: int, voxel_size_A: float,
+                   half: int) -> GaussianMixture:
+    """``cfg.n_gaussians`` random Gaussians (``init="random"``): uniform in a ball of
+    ``init_radius_fraction`` x the box (at most the support sphere), ``init_scale_px`` wide,
+    drawn from ``(seed, half)``."""
+    radius_A = cfg.init_radius_fraction * box_size * voxel_size_A
+    if cfg.support_radius_A > 0:
+        radius_A = min(radius_A, cfg.support_radius_A)
+    return GaussianMixture.random(cfg.n_gaussians, radius_A, cfg.init_scale_px * voxel_size_A,
+                                  generator=torch.Generator().manual_seed(cfg.seed * 1000 + half))
 
 
 def seed_mixture(support: Support, voxel_size_A: float, per_voxel: float, scale_px: float,

@@ -18,6 +18,7 @@ from cryosplat.io.particles import Particles
 from cryosplat.train.batches import batch_indices
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS, DensifyStrategy, rebuild
+from cryosplat.train.seeding import random_mixture
 from cryosplat.train.distributed import all_reduce_sum, rank_and_world
 
 
@@ -36,12 +37,7 @@ class HalfSetTrainer:
         self.pix = particles.require_single_pixel_size()
         self.rotations = particles.require_poses().float()
         self.ctf = particles.require_ctf()
-        g = torch.Generator().manual_seed(cfg.seed * 1000 + half)
-        init_radius_A = cfg.init_radius_fraction * self.d * self.pix
-        if cfg.support_radius_A > 0:
-            init_radius_A = min(init_radius_A, cfg.support_radius_A)
-        self.model = GaussianMixture.random(cfg.n_gaussians, init_radius_A,
-                                            cfg.init_scale_px * self.pix, generator=g).to(device)
+        self.model = random_mixture(cfg, self.d, self.pix, half).to(device)
         self.base_lrs = [cfg.lr_means_px * self.pix, cfg.lr_scales, cfg.lr_rotations,
                          cfg.lr_amplitudes]
         self.optimizer = self._adam(self.model)

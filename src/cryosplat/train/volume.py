@@ -38,7 +38,7 @@ from cryosplat.io.mrc import write_volume
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS
 from cryosplat.train.loop import save_checkpoint
-from cryosplat.train.seeding import own_support, seed_mixture
+from cryosplat.train.seeding import own_support, random_mixture, seed_mixture
 
 
 class AccumulatedObjective:
@@ -85,11 +85,18 @@ class AccumulatedObjective:
         f = torch.fft.fft(z, dim=0)
         return f if self._shifted_by_sign else torch.fft.fftshift(f, dim=(0, 1))
 
+    def terms(self, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W |V^|², Re(conj(V^) B))`` of a model's :meth:`transform`, each counted with
+        its Hermitian multiplicity: `(P, P, P//2+1)` each."""
+        power = self.denominator * (transform.real**2 + transform.imag**2) * self.hermitian
+        cross = (self.numerator.real * transform.real
+                 + self.numerator.imag * transform.imag) * self.hermitian
+        return power, cross
+
     def __call__(self, transform: torch.Tensor) -> torch.Tensor:
         """The loss of a model's :meth:`transform` (a scalar, minus an unknown constant)."""
-        power = self.denominator * (transform.real**2 + transform.imag**2)
-        cross = self.numerator.real * transform.real + self.numerator.imag * transform.imag
-        return ((power - 2 * cross) * self.hermitian).sum() * self.norm
+        power, cross = self.terms(transform)
+        return (power - 2 * cross).sum() * self.norm
 
 
 class HalfSetVolumeFit:
@@ -222,10 +229,7 @@ def calibrate_amplitudes(model: GaussianMixture, objective: AccumulatedObjective
     """Scale the amplitudes to the least-squares optimum of ``objective`` (a random start's
     amplitudes are in no unit of the data). Returns the factor."""
     t = objective.transform(model.voxelise(objective.box_size, voxel_size_A, n_sigma=n_sigma))
-    w = objective.hermitian
-    cross = float(((objective.numerator.real * t.real + objective.numerator.imag * t.imag)
-                   * w).sum())
-    power = float((objective.denominator * (t.real**2 + t.imag**2) * w).sum())
+    power, cross = (float(x.sum()) for x in objective.terms(t))
     scale = cross / max(power, 1e-30)
     if not scale > 0:
         raise StageError("calibration", f"the particles anti-correlate with a positive density "
@@ -264,12 +268,7 @@ def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainCo
                 f"above {support.threshold:.3g}, noise {support.noise:.3g}): {len(model)} "
                 "Gaussians")
         else:  # "random" (TrainConfig refuses anything else)
-            radius = cfg.init_radius_fraction * box * pix
-            if cfg.support_radius_A > 0:
-                radius = min(radius, cfg.support_radius_A)
-            model = GaussianMixture.random(cfg.n_gaussians, radius, cfg.init_scale_px * pix,
-                                           generator=torch.Generator().manual_seed(
-                                               cfg.seed * 1000 + h))
+            model = random_mixture(cfg, box, pix, h)
         fit = HalfSetVolumeFit(model, train, held, cfg, h, pix, device)
         if resume is not None:
             fit.load_state_dict(resume["halves"][h - 1])
