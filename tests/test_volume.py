@@ -16,7 +16,8 @@ from cryosplat.io import assign_half_sets, read_particles, read_volume
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig
 from cryosplat.train.seeding import own_support, seed_mixture
-from cryosplat.train.volume import (AccumulatedObjective, fit_gold_standard_volume,
+from cryosplat.train.volume import (AccumulatedObjective, PaddedTransform,
+                                    fit_gold_standard_volume,
                                     make_fits, split_held_out)
 
 
@@ -216,24 +217,21 @@ def test_nan_in_a_volume_fit_stops_the_run_naming_the_stage(tmp_path, capsys, mo
 
 
 @pytest.mark.parametrize("box", [15, 16])
-def test_the_axis_by_axis_padded_transform_is_the_padded_rfftn(box):
-    """The model's transform equals the plain route: taper, zero-pad with voxel D//2 at the
-    padded origin, rfftn of the whole padded box, fftshift along z and y."""
-    from cryosplat.backproject import Insertion
-
+@pytest.mark.parametrize("gridding", [1, -1])
+def test_the_axis_by_axis_padded_transform_is_the_padded_rfftn(box, gridding):
+    """The model's transform equals the plain route: the gridding function (sinc² of the
+    padded box, to the power +1 for the objective, -1 for slice extraction), zero-pad with
+    voxel D//2 at the padded origin, rfftn of the whole padded box, fftshift along z and y."""
     p = 2 * box
-    w = p // 2 + 1
-    ins = Insertion(torch.zeros(p, p, w, dtype=torch.complex128),
-                    torch.ones(p, p, w, dtype=torch.float64), box, p)
-    obj = AccumulatedObjective(ins)
+    transform = PaddedTransform(box, p, gridding)
     vol = torch.randn(box, box, box, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    k = obj.keep
-    s = torch.sinc(torch.fft.fftfreq(p, dtype=torch.float64)[k]) ** 2
+    k = (torch.arange(box) - box // 2) % p
+    s = torch.sinc(torch.fft.fftfreq(p, dtype=torch.float64)[k]) ** (2 * gridding)
     pad = torch.zeros(p, p, p, dtype=torch.float64)
     pad[k[:, None, None], k[None, :, None], k[None, None, :]] = (
         vol * s[:, None, None] * s[None, :, None] * s[None, None, :])
     expected = torch.fft.fftshift(torch.fft.rfftn(pad), dim=(0, 1))
-    torch.testing.assert_close(obj.transform(vol), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(transform(vol), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_a_random_start_is_calibrated_on_its_own_sums_and_then_fits(clean):

@@ -14,26 +14,28 @@ import torch
 import typer
 
 from cryosplat import diagnostics
-from cryosplat.errors import InputError, exit_status
+from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc_curves, resolutions
 from cryosplat.fourier import shell_frequencies
 from cryosplat.io import assign_half_sets, read_volume, write_particles
 from cryosplat.io.atomic import write_json
 from cryosplat.report import write_fsc
-from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, TruthOpt,
+from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
+                              run_refinement)
+from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, TruthOpt, new_or_resumed,
                                particle_options)
 from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir, read_map_like,
                            run_backprojection, run_demo, run_reconstruction,
                            start_reconstruction)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
-from cryosplat.terminal import (console, err_console, print_checks, print_demo, print_info,
-                                print_reconstruction, print_resolutions, progress_bar)
+from cryosplat.terminal import (console, print_checks, print_demo, print_info,
+                                print_reconstruction, print_resolutions, progress_bar, run_app)
 from cryosplat.train import TrainConfig, init_distributed
 from cryosplat.train.distributed import launch_torchrun
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cryo-EM reconstruction with a physics-exact Gaussian-splatting renderer.")
-TRAIN = TrainConfig()  # the defaults of every reconstruct option
+TRAIN, REFINE, SEARCH = TrainConfig(), RefineConfig(), SearchConfig()  # the options' defaults
 
 
 @app.command()
@@ -230,30 +232,50 @@ def reconstruct(
     if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
     lead = init_distributed(device)[0] == 0
-    state = None
-    if resume is not None:
-        if source is not None:
-            raise InputError(None, "--resume DIR continues with the particles and settings saved "
-                                   "in DIR/config.json; give no PARTICLES")
-        (config, state), out = load_run(resume), resume
-    else:
-        if source is None or out is None:
-            raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
-        if not particle_diameter >= 0:
-            raise InputError(None, f"--particle-diameter {particle_diameter:g}: expected a "
-                                   "diameter in Å, or 0 for no limit")
-        train = TrainConfig(objective=objective, init=init, gaussians_per_voxel=per_voxel,
-                            max_steps=max_steps, holdout_fraction=holdout, n_gaussians=gaussians, batch_size=batch, epochs=epochs,
-                            lr_means_px=lr, loss=loss, densify=densify,
-                            max_gaussians=max_gaussians, support_radius_A=particle_diameter / 2,
-                            checkpoint_every=checkpoint_every, seed=seed, loader_workers=workers)
-        config = RunConfig(**{**vars(source), "particles": str(Path(source.particles).resolve())},
-                           truth=truth and str(truth.resolve()), mask=mask and str(mask.resolve()),
-                           device=device, validate=validate, train=train)
+    config, state, out = new_or_resumed(source, out, resume, truth, mask, load_run,
+                                        lambda fields: RunConfig(
+        **fields, device=device, validate=validate, train=TrainConfig(
+            objective=objective, init=init, gaussians_per_voxel=per_voxel, max_steps=max_steps,
+            holdout_fraction=holdout, n_gaussians=gaussians, batch_size=batch, epochs=epochs,
+            lr_means_px=lr, loss=loss, densify=densify, max_gaussians=max_gaussians,
+            support_radius_A=particle_diameter / 2, checkpoint_every=checkpoint_every,
+            seed=seed, loader_workers=workers)))
     p, half = start_reconstruction(config, out, force, new=state is None)
     s = run_reconstruction(p, half, out, config, state, progress=progress_bar)
     if lead:
         print_reconstruction(s)
+
+
+@app.command()
+@particle_options()
+def refine(
+    particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
+    source: ParticleSource = None, out: Optional[Path] = typer.Option(None, "--out"),
+    iterations: int = typer.Option(REFINE.iterations, "--iterations",
+                                   help="Rounds of (fit each half-set, search its poses)"),
+    max_angle: float = typer.Option(SEARCH.max_angle_deg, "--max-angle", help="Most rotation, °"),
+    max_shift: float = typer.Option(SEARCH.max_shift_A, "--max-shift", help="Most origin move, Å"),
+    max_defocus: float = typer.Option(SEARCH.max_defocus_A, "--max-defocus",
+                                      help="Most change of defocus (U and V together), Å"),
+    max_resolution: float = typer.Option(REFINE.max_resolution_A, "--max-resolution", help="Å: "
+                                         "align with no finer detail (0: each half-set's own "
+                                         "limit, from its held-out particles)"),
+    device: str = typer.Option(RunConfig.device, "--device", help="cpu, cuda or auto"),
+    seed: int = typer.Option(TRAIN.seed, "--seed", help="Seeds and half-set split"),
+    truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
+    force: bool = ForceOpt,
+):
+    """Refine each particle's rotation, origin and defocus against its own half-set's Gaussian
+    model (local searches, then gradient steps), alternating with the models' fits; writes
+    DIR/particles.star with the refined values, and the maps, FSC and report."""
+    search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
+    config, state, out = new_or_resumed(source, out, resume, truth, mask, load_refine_run,
+                                        lambda fields: RefineRunConfig(
+        **fields, device=device, train=TrainConfig(seed=seed),
+        refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search)))
+    s = run_refinement(config, out, force, state, new=resume is None, progress=progress_bar)
+    print_reconstruction(s)
 
 
 @app.command()
@@ -272,25 +294,6 @@ def demo(
 
 
 def main() -> None:
-    """Entry point: runs the app; bad input is one line and exit status 2, a failed stage or
-    an OS error one line and 1 (:func:`cryosplat.errors.exit_status`), never a traceback."""
-    try:
-        rc = app(standalone_mode=False)  # click returns a typer.Exit's code in this mode
-        if isinstance(rc, int) and rc != 0:
-            sys.exit(rc)
-    except (typer.Exit, SystemExit) as e:
-        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
-    except (typer.Abort, KeyboardInterrupt):
-        err_console.print("aborted")
-        sys.exit(130)
-    except Exception as e:
-        status = exit_status(e)
-        if status is not None:
-            err_console.print(f"[red]error:[/red] {status[1]}", highlight=False, soft_wrap=True)
-            sys.exit(status[0])
-        click_error = next(c for c in typer.BadParameter.__mro__
-                           if c.__name__ == "ClickException")
-        if isinstance(e, click_error):  # usage errors of typer's click
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    """Entry point: :func:`cryosplat.terminal.run_app` (one line and an exit status for bad
+    input, a failed stage or an OS error, never a traceback)."""
+    run_app(app)

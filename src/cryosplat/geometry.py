@@ -278,12 +278,36 @@ def grid_1d_A(box_size: int, pixel_size_A: float, device=None, dtype=torch.float
     return (torch.arange(box_size, device=device, dtype=dtype) - box_size // 2) * pixel_size_A
 
 
+def translation_phase(frequency: torch.Tensor, translation_A: torch.Tensor,
+                      pixel_size_A: float | torch.Tensor) -> torch.Tensor:
+    """The factor ``exp(-2 pi i k.t)`` that translates an FFT-aligned image's content by
+    ``+t`` (``f(x - t)``), at frequencies ``frequency`` (cycles per pixel).
+
+    Parameters
+    ----------
+    frequency: `(*G, 2)` ``(ky, kx)`` in cycles per pixel (an rfft2 grid, or chosen points).
+    translation_A: `(*B, 2)` translations (tx, ty) in Å.
+    pixel_size_A: scalar or `(*B)` pixel sizes.
+
+    Returns
+    -------
+    `(*B, *G)` complex factors.
+    """
+    grid = frequency.shape[:-1]
+    k = frequency.reshape(-1, 2).to(translation_A.dtype)
+    t_px = translation_A / _per_row(pixel_size_A, translation_A)
+    phase = t_px[..., 1, None] * k[:, 0] + t_px[..., 0, None] * k[:, 1]
+    phase = phase.reshape(*translation_A.shape[:-1], *grid)
+    return torch.polar(torch.ones_like(phase), -2 * math.pi * phase)
+
+
 def translate_rfft(image_rfft: torch.Tensor, translation_A: torch.Tensor,
                    pixel_size_A: float | torch.Tensor, box_size: int) -> torch.Tensor:
     """Translate images by ``translation_A`` (content moves to +t) in rfft space.
 
     For an FFT-aligned image (centre at D//2) the rfft of its real-space array already has
-    the origin convention built in: ``f(x - t)`` has transform ``F(k) exp(-2 pi i k.t)``.
+    the origin convention built in: ``f(x - t)`` has transform ``F(k) exp(-2 pi i k.t)``
+    (:func:`translation_phase`).
 
     Parameters
     ----------
@@ -293,9 +317,7 @@ def translate_rfft(image_rfft: torch.Tensor, translation_A: torch.Tensor,
     """
     k = rfft_frequencies_2d(box_size, 1.0, device=image_rfft.device,
                             dtype=translation_A.dtype)  # cycles per pixel
-    t_px = translation_A / _per_row(pixel_size_A, translation_A)
-    phase = k[..., 0] * t_px[..., 1, None, None] + k[..., 1] * t_px[..., 0, None, None]
-    return image_rfft * torch.polar(torch.ones_like(phase), -2 * math.pi * phase)
+    return image_rfft * translation_phase(k, translation_A, pixel_size_A)
 
 
 def translate_images(images: torch.Tensor, translation_A: torch.Tensor,

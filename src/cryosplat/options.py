@@ -1,15 +1,18 @@
 """The options that several ``cryosplat`` commands share, defined once: how particles are
-read (:func:`particle_options`), --force, --truth and --mask."""
+read (:func:`particle_options`), --force, --truth and --mask, and PARTICLES --out against
+--resume DIR (:func:`new_or_resumed`)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from cryosplat.errors import InputError
 from cryosplat.run import ParticleSource
 
 PARTICLES_HELP = "Particles: .star, .cs, or .mrcs with --poses/--ctf"
@@ -61,3 +64,22 @@ def particle_options(subset: bool = True):
         command.__signature__ = sig.replace(parameters=params + extra)
         return command
     return register
+
+
+def new_or_resumed(source: ParticleSource | None, out: Path | None, resume: Path | None,
+                   truth: Path | None, mask: Path | None, load: Callable[[Path], tuple],
+                   build: Callable[[dict], object]) -> tuple[object, object, Path]:
+    """(config, checkpoint or None, output folder) of a command that takes either PARTICLES
+    and --out or --resume DIR: ``load(DIR)`` gives (config, checkpoint); ``build(fields)``
+    makes a new config from the particle options' fields, --truth and --mask (each path
+    made absolute)."""
+    if resume is not None:
+        if source is not None:
+            raise InputError(None, "--resume DIR continues with the particles and settings saved "
+                                   "in DIR/config.json; give no PARTICLES")
+        return (*load(resume), resume)
+    if source is None or out is None:
+        raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
+    return build({**vars(source), "particles": str(Path(source.particles).resolve()),
+                  "truth": truth and str(truth.resolve()),
+                  "mask": mask and str(mask.resolve())}), None, out

@@ -160,6 +160,53 @@ def plot_montage(path, particles: np.ndarray, renders: np.ndarray) -> None:
     _save(fig, path)
 
 
+def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray,
+                      history: list[dict]) -> None:
+    """pose_changes.png (``cryosplat refine``): histograms of each particle's change of angle,
+    origin and defocus from its input pose, per half-set, and the median change per iteration."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=110)
+    for ax, (key, label) in zip(axes, (("angle_deg", "rotation change (°)"),
+                                       ("shift_A", "origin change (Å)"),
+                                       ("defocus_A", "defocus change (Å)"))):
+        for h in (1, 2):
+            ax.hist(changes[key][half_set == h], bins=50, histtype="step", label=f"half {h}")
+        ax.set_xlabel(label)
+        ax.set_ylabel("particles")
+        ax.legend(fontsize=8)
+    b = axes[3]
+    its = [r["iteration"] for r in history]
+    for h in (1, 2):
+        b.plot(its, [r[f"half_{h}"]["median_angle_deg"] for r in history], "o-",
+               label=f"half {h}: median rotation step (°)")
+        b.plot(its, [r[f"half_{h}"]["limit_A"] for r in history], "s--",
+               label=f"half {h}: alignment limit (Å)")
+    b.set_xlabel("iteration")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _refinement_section(summary: dict, img) -> str:
+    r = summary.get("refinement")
+    if not r:
+        return ""
+    rows = "".join(
+        f"<tr><td>{row['iteration']}</td>" + "".join(
+            f"<td>{row[f'half_{h}']['limit_A']:.2f}</td><td>{row[f'half_{h}']['median_angle_deg']:.2f}"
+            f"</td><td>{row[f'half_{h}']['median_shift_A']:.2f}</td>"
+            f"<td>{row[f'half_{h}']['median_defocus_A']:.0f}</td>" for h in (1, 2))
+        + f"<td>{row['particles_per_s']:.0f}</td></tr>" for row in r["iterations"])
+    med = r["median_change_from_input"]
+    return (f"<h2>Refinement</h2><p>Median change from the input poses: "
+            f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, {med['defocus_A']:.0f} Å "
+            f"of defocus; refined poses in {html.escape(r['particles_star'])}.</p>"
+            "<table><tr><th>iteration</th>" + "<th>limit (Å)</th><th>median step (°)</th>"
+            "<th>(Å)</th><th>defocus (Å)</th>" * 2 + "<th>particles/s</th></tr>"
+            f"{rows}</table><p>(half-set 1's columns, then half-set 2's)</p>"
+            f"{img('pose_changes.png')}")
+
+
 def write_report(out_dir, summary: dict, config: dict) -> Path:
     """report.html: resolutions, FSC, training curves, montage and the config on one page.
     The figures are embedded, so the file can be mailed or moved alone."""
@@ -191,7 +238,7 @@ img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 {''.join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>" for i, w in enumerate(summary.get('stopped', []), 1))}
 <h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
-<h2>FSC</h2>{img('fsc.png')}
+{_refinement_section(summary, img)}<h2>FSC</h2>{img('fsc.png')}
 <h2>Training</h2>{img('loss.png')}
 <h2>Particles and renders</h2>{img('montage.png')}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>

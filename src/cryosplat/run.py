@@ -201,7 +201,7 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
 
 def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
                        resume: dict | None = None, baseline: tuple[dict, tuple] | None = None,
-                       progress: ProgressFactory = no_progress) -> dict:
+                       progress: ProgressFactory = no_progress, extra: dict | None = None) -> dict:
     """Train the two half-set mixtures of ``config`` on half-sets ``half`` `(N,)` (1 or 2) and
     write every output into ``out``.
 
@@ -209,7 +209,7 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     a (summary, half-maps) pair made with the same half-sets, is used) to cross-validate the
     Gaussian maps' resolution. ``resume`` is a checkpoint to continue from. Under torchrun
     every rank calls this; rank 0 alone validates, logs and writes, and only it returns the
-    summary (the others return {})."""
+    summary (the others return {}). ``extra`` entries join the summary (and the report)."""
     cfg = config.train
     dev = resolve_device(config.device)
     rank, world = rank_and_world()
@@ -262,6 +262,7 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
         summary["stopped"] = [t.stop_reason for t in trainers]
     if baseline is not None:
         summary["backprojection"] = baseline[0]
+    summary.update(extra or {})
     write_json(out / "summary.json", summary)
     summary["report"] = str(write_report(out, summary, config.to_dict()))
     cv = f"; cross-validated {describe_cross_validated(summary)}" if e.cross_validated else ""

@@ -3,13 +3,16 @@ number shown is computed elsewhere."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from cryosplat.errors import exit_status
 from cryosplat.report import HALF_MAP_CAUTION, describe_cross_validated
 
 console = Console()
@@ -81,6 +84,12 @@ def print_reconstruction(summary: dict) -> None:
         console.print(f"[bold]cross-validated resolution[/bold] (each mixture against the other "
                       f"half-set's direct map, FSC 0.5): {describe_cross_validated(summary)}")
     console.print(f"[yellow]caution:[/yellow] {HALF_MAP_CAUTION}")
+    if "refinement" in summary:  # cryosplat refine
+        r = summary["refinement"]
+        med = r["median_change_from_input"]
+        console.print(f"[bold]refined poses[/bold]: {r['particles_star']} (median change "
+                      f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, "
+                      f"{med['defocus_A']:.0f} Å of defocus)")
     console.print(f"report: {summary['report']}")
 
 
@@ -103,3 +112,28 @@ def print_demo(gaussian: dict, baseline: dict, out, nyquist_A: float, seconds: f
     console.print(f"report: [bold]{gaussian['report']}[/bold]")
     console.print(f"data: {out / 'data'}; baseline: {out / 'backprojection'}; reconstruction: "
                   f"{out / 'reconstruction'}")
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run the command line: bad input is one line and exit status 2, a failed stage or an OS
+    error one line and 1 (:func:`cryosplat.errors.exit_status`), never a traceback."""
+    try:
+        rc = app(standalone_mode=False)  # click returns a typer.Exit's code in this mode
+        if isinstance(rc, int) and rc != 0:
+            sys.exit(rc)
+    except (typer.Exit, SystemExit) as e:
+        sys.exit(getattr(e, "exit_code", getattr(e, "code", 0)))
+    except (typer.Abort, KeyboardInterrupt):
+        err_console.print("aborted")
+        sys.exit(130)
+    except Exception as e:
+        status = exit_status(e)
+        if status is not None:
+            err_console.print(f"[red]error:[/red] {status[1]}", highlight=False, soft_wrap=True)
+            sys.exit(status[0])
+        click_error = next(c for c in typer.BadParameter.__mro__
+                           if c.__name__ == "ClickException")
+        if isinstance(e, click_error):  # usage errors of typer's click
+            e.show()
+            sys.exit(e.exit_code)
+        raise

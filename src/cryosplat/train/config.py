@@ -64,6 +64,9 @@ class TrainConfig:
                                        ("--loss", self.loss, ("real", "fourier"))):
             if value not in allowed:
                 raise InputError(None, f"{option} {value}: expected {' or '.join(allowed)}")
+        if not self.support_radius_A >= 0:
+            raise InputError(None, f"--particle-diameter {2 * self.support_radius_A:g}: expected "
+                                   "a diameter in Å, or 0 for no limit")
         if not 0 <= self.holdout_fraction < 0.5:
             raise InputError(None, f"--holdout {self.holdout_fraction:g}: expected a share of "
                                    "the particles in [0, 0.5)")

@@ -41,38 +41,31 @@ from cryosplat.train.loop import save_checkpoint
 from cryosplat.train.seeding import own_support, random_mixture, seed_mixture
 
 
-class AccumulatedObjective:
-    """:math:`L(V)` of the module docstring for one insertion. The insertion's grids are used
-    as they are (fftshifted along z and y, not copied: at box 256 each is 0.8 GB); the
-    model's transform is shifted to match."""
+class PaddedTransform:
+    """The padded rfftn `(P, P, P//2+1)` of `(D, D, D)` box maps (voxel D//2 at the padded
+    origin), fftshifted along z and y as the insertions are, after multiplying the map by
+    the trilinear gridding function (the separable sinc² of the padded box) to the power
+    ``gridding``: +1 models what trilinear *insertion* accumulates (the objective's model),
+    -1 pre-corrects a map whose slices are *extracted* by trilinear interpolation (pose
+    search), 0 is the plain transform."""
 
-    def __init__(self, ins: Insertion):
-        d, p = ins.box_size, ins.padded_size
-        dev = ins.numerator.device
+    def __init__(self, box_size: int, padded_size: int, gridding: int = 1, device=None):
+        d, p = box_size, padded_size
         self.box_size, self.padded_size = d, p
-        self.numerator, self.denominator = ins.numerator, ins.denominator
-        # each element of an rfftn's x > 0 half stands for itself and its conjugate
-        self.hermitian = torch.full((p // 2 + 1,), 2.0, device=dev)
-        self.hermitian[0] = 1.0
-        if p % 2 == 0:
-            self.hermitian[-1] = 1.0
-        self.keep = (torch.arange(d, device=dev) - d // 2) % p  # box voxel -> padded index
-        s = torch.sinc(torch.fft.fftfreq(p, device=dev, dtype=torch.float64)[self.keep]) ** 2
+        self.keep = (torch.arange(d, device=device) - d // 2) % p  # box voxel -> padded index
+        s = torch.sinc(torch.fft.fftfreq(p, device=device, dtype=torch.float64)[self.keep])
+        s = s ** (2 * gridding)
         # (-1)^n on padded voxel n fftshifts an even axis's transform: z and y get it here
         sign = 1.0 - 2.0 * (self.keep % 2).to(s.dtype) if p % 2 == 0 else None
         zy = s if sign is None else s * sign
         self.taper = zy[:, None, None] * zy[None, :, None] * s[None, None, :]
         self._shifted_by_sign = sign is not None
-        # per unit of sum CTF²: the loss is a mean squared residual per Fourier sample
-        self.norm = 1.0 / float((self.denominator * self.hermitian).sum().clamp_min(1e-30))
 
-    def transform(self, volume: torch.Tensor) -> torch.Tensor:
-        """The padded rfftn `(P, P, P//2+1)` of a `(D, D, D)` box map times the gridding taper
-        (voxel D//2 at the padded origin), fftshifted along z and y as the insertions are.
-
-        One axis at a time (x, y, then z), padding each just before its transform: the
-        zeros of the padded box are never transformed along an axis where they stay zero,
-        which is 0.6x the work of an ``rfftn`` of the whole padded box."""
+    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
+        """The transform of ``volume`` `(D, D, D)`. One axis at a time (x, y, then z),
+        padding each just before its transform: the zeros of the padded box are never
+        transformed along an axis where they stay zero, which is 0.6x the work of an
+        ``rfftn`` of the whole padded box."""
         p, d, k = self.padded_size, self.box_size, self.keep
         x = volume.new_zeros(d, d, p)
         x[..., k] = volume * self.taper.to(volume.dtype)
@@ -84,6 +77,27 @@ class AccumulatedObjective:
         z[k] = f
         f = torch.fft.fft(z, dim=0)
         return f if self._shifted_by_sign else torch.fft.fftshift(f, dim=(0, 1))
+
+
+class AccumulatedObjective:
+    """:math:`L(V)` of the module docstring for one insertion. The insertion's grids are used
+    as they are (fftshifted along z and y, not copied: at box 256 each is 0.8 GB); the
+    model's transform (:class:`PaddedTransform` with the gridding function) is shifted to
+    match."""
+
+    def __init__(self, ins: Insertion):
+        d, p = ins.box_size, ins.padded_size
+        dev = ins.numerator.device
+        self.box_size, self.padded_size = d, p
+        self.numerator, self.denominator = ins.numerator, ins.denominator
+        # each element of an rfftn's x > 0 half stands for itself and its conjugate
+        self.hermitian = torch.full((p // 2 + 1,), 2.0, device=dev)
+        self.hermitian[0] = 1.0
+        if p % 2 == 0:
+            self.hermitian[-1] = 1.0
+        self.transform = PaddedTransform(d, p, 1, dev)
+        # per unit of sum CTF²: the loss is a mean squared residual per Fourier sample
+        self.norm = 1.0 / float((self.denominator * self.hermitian).sum().clamp_min(1e-30))
 
     def terms(self, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W |V^|², Re(conj(V^) B))`` of a model's :meth:`transform`, each counted with

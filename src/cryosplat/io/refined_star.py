@@ -1,0 +1,66 @@
+"""The STAR file ``cryosplat refine`` writes: the input's rows and columns, with the refined
+angles, origins and defoci in place, readable by RELION, cryoSPARC's importer and cryosplat.
+
+From a RELION 3.1+ STAR every block and column is kept as it was and only rlnAngleRot/Tilt/
+Psi, rlnOriginX/YAngst and rlnDefocusU/V are replaced (rlnRandomSubset is set to the run's
+half-sets, so RELION and cryoSPARC keep them). A RELION 3.0 STAR, a cryoSPARC ``.cs`` or a
+cryoDRGN stack becomes a RELION 3.1 STAR (data_optics + data_particles) whose image names
+point at the original stacks, with every other column of a 3.0 STAR kept.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import starfile
+
+from cryosplat import geometry
+from cryosplat.io.particles import Particles
+from cryosplat.io.star import ANGLE_COLUMNS, particles_to_star_tables, write_star
+
+# RELION 3.0 columns that a 3.1 STAR replaces (by data_optics or by rlnOriginX/YAngst)
+_SUPERSEDED_30 = {"rlnOriginX", "rlnOriginY", "rlnMagnification", "rlnDetectorPixelSize"}
+
+
+def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.DataFrame]:
+    """The STAR tables of module docstring for ``refined`` (the particles as read, with
+    their refined poses and CTF) and the half-set of each (1 or 2)."""
+    n = len(refined)
+    src = Path(refined.source)
+    blocks = starfile.read(src, always_dict=True) if src.suffix.lower() == ".star" else {}
+    if "optics" in blocks and "particles" in blocks:
+        tables = {k: (v.copy() if isinstance(v, pd.DataFrame) else v) for k, v in blocks.items()}
+        particles = tables["particles"].iloc[:n].reset_index(drop=True)  # --max-particles
+    else:
+        images = refined.images
+        names = [f"{int(s) + 1:06d}@{images.files[int(f)]}"
+                 for f, s in zip(images.file_index, images.slice_index)]
+        tables = particles_to_star_tables(refined, names)
+        if refined.box_size != images.stored_box_size:  # --box: the names are the full images
+            factor = refined.box_size / images.stored_box_size
+            tables["optics"]["rlnImagePixelSize"] *= factor
+            tables["optics"]["rlnImageSize"] = images.stored_box_size
+        particles = tables["particles"]
+        if blocks:  # RELION 3.0: keep its other columns
+            old = next(iter(blocks.values())).iloc[:n].reset_index(drop=True)
+            for c in old.columns:
+                if c not in particles.columns and c not in _SUPERSEDED_30:
+                    particles[c] = old[c].to_numpy()
+    euler = geometry.matrix_to_euler_relion(refined.rotations).numpy()
+    for i, c in enumerate(ANGLE_COLUMNS):
+        particles[c] = euler[:, i]
+    particles["rlnOriginXAngst"] = refined.shifts_A[:, 0].numpy()
+    particles["rlnOriginYAngst"] = refined.shifts_A[:, 1].numpy()
+    particles["rlnDefocusU"] = refined.ctf.defocus_u_A.numpy()
+    particles["rlnDefocusV"] = refined.ctf.defocus_v_A.numpy()
+    particles["rlnRandomSubset"] = np.asarray(half_set, dtype=np.int64)
+    tables["particles"] = particles
+    return tables
+
+
+def write_refined_star(path: str | Path, refined: Particles, half_set: np.ndarray) -> Path:
+    """Write :func:`refined_tables` to ``path`` (atomically). Returns ``path``."""
+    write_star(path, refined_tables(refined, half_set))
+    return Path(path)

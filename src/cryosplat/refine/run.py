@@ -1,0 +1,93 @@
+"""One ``cryosplat refine`` run folder: the alternation of :mod:`cryosplat.refine.loop`, then
+``DIR/particles.star`` with the refined poses, ``pose_changes.png``, and the maps, FSC curves
+and report of a reconstruction from the refined poses (:func:`cryosplat.run.run_reconstruction`,
+which also makes the validation maps by direct inversion with the refined poses)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosplat.errors import InputError
+from cryosplat.io.refined_star import write_refined_star
+from cryosplat.refine.loop import RefineConfig, input_pose, pose_changes, refine_gold_standard, \
+    with_poses
+from cryosplat.report import plot_pose_changes
+from cryosplat.run import ProgressFactory, RunConfig, no_progress, run_reconstruction, \
+    start_reconstruction
+from cryosplat.train import TrainConfig, resolve_device
+
+CHECKPOINT = "refine_checkpoint.pt"
+
+
+@dataclass
+class RefineRunConfig(RunConfig):
+    """Everything a refinement was asked to do (``config.json``)."""
+
+    refine: RefineConfig = field(default_factory=RefineConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RefineRunConfig":
+        return cls(**{**d, "train": TrainConfig(**d["train"]),
+                      "refine": RefineConfig.from_dict(d["refine"])})
+
+
+def load_refine_run(folder: Path) -> tuple[RefineRunConfig, dict | None]:
+    """The configuration of the refine run in ``folder`` and its last iteration's checkpoint
+    (None when it stopped before the first)."""
+    if not (folder / "config.json").is_file():
+        raise InputError(folder / "config.json", "missing: not a cryosplat refine folder")
+    d = json.loads((folder / "config.json").read_text())
+    if "refine" not in d:
+        raise InputError(folder / "config.json", "is a reconstruct run's; continue it with "
+                                                  "cryosplat reconstruct --resume")
+    ckpt = folder / CHECKPOINT
+    state = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
+    return RefineRunConfig.from_dict(d), state
+
+
+def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
+                   resume: dict | None = None, new: bool = True,
+                   progress: ProgressFactory = no_progress) -> dict:
+    """Refine the particles of ``config`` into ``out`` (module docstring). ``new``: make
+    ``out`` (refusing a non-empty one without ``force``); ``resume``: the checkpoint of
+    :func:`load_refine_run`. Returns the final reconstruction's summary, with a
+    ``refinement`` entry (per iteration, and the changes from the input poses)."""
+    p, half = start_reconstruction(config, out, force, new=new)
+    stale = out / "backprojection"  # validation maps of an earlier run into this folder
+    if new and stale.is_dir():
+        shutil.rmtree(stale)
+    dev = resolve_device(config.device)
+
+    def log(msg: str) -> None:
+        with open(out / "log.txt", "a", encoding="utf-8") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
+
+    log(f"cryosplat refine: {len(p)} particles, box {p.box_size}, device {dev}, refine "
+        f"{json.dumps(config.to_dict()['refine'])}")
+    t0 = time.perf_counter()
+    try:
+        pose, history, _ = refine_gold_standard(p, half, config.train, config.refine, dev,
+                                             out / CHECKPOINT, resume, log, progress)
+    except BaseException as e:
+        log(f"stopped during refinement: {type(e).__name__}: {e}; continue with --resume {out}")
+        raise
+    refined = with_poses(p, pose)
+    star = write_refined_star(out / "particles.star", refined, half)
+    changes = pose_changes(input_pose(p), pose)
+    plot_pose_changes(out / "pose_changes.png", changes, half, history)
+    refinement = {"iterations": history, "particles_star": str(star),
+                  "refine_time_s": time.perf_counter() - t0,
+                  "median_change_from_input": {k: float(np.median(np.abs(v)))
+                                               for k, v in changes.items()}}
+    log(f"refined poses written to {star}; reconstructing from them")
+    summary = run_reconstruction(refined, half, out, config, progress=progress,
+                                 extra={"refinement": refinement})
+    summary["wall_time_s"] = time.perf_counter() - t0
+    return summary
