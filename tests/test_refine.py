@@ -146,3 +146,8 @@ def test_cli_refine_writes_a_star_that_keeps_every_column_and_reads_back(sim, tm
     assert "resumed after iteration 1" in (out / "log.txt").read_text()
     r = run("refine", star, "--out", out)
     assert r.returncode == 2 and "not empty" in r.stderr
+    r = run("reconstruct", "--resume", out)
+    assert r.returncode == 2 and "refine --resume" in r.stderr, r.stderr
+    r = run("refine", star, "--out", tmp_path / "zero", "--iterations", 0)
+    assert r.returncode == 2 and "--iterations 0" in r.stderr, r.stderr
+    assert not (tmp_path / "zero").exists()

@@ -89,8 +89,11 @@ def load_run(folder: Path) -> tuple[RunConfig, dict]:
         if not (folder / f).is_file():
             raise InputError(folder / f, "missing: not a cryosplat reconstruct folder, or the run"
                                          " stopped before its first checkpoint")
-    config = RunConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    return config, load_checkpoint(folder / "checkpoint.pt")
+    d = json.loads((folder / "config.json").read_text())
+    if "refine" in d:
+        raise InputError(folder / "config.json", "is a refine run's; continue it with cryosplat "
+                                                  "refine --resume")
+    return RunConfig.from_dict(d), load_checkpoint(folder / "checkpoint.pt")
 
 
 def prepare_out_dir(out: Path, force: bool) -> Path:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from cryosplat.backproject import insert_particles
+from cryosplat.errors import InputError
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.io import Particles
 from cryosplat.io.atomic import atomic_path
@@ -41,6 +42,17 @@ class RefineConfig:
     max_resolution_A: float = 0.0  # the finest resolution used to align; 0: each half-set's
     # own limit (:func:`cryosplat.refine.search.alignment_limit`)
     search: SearchConfig = field(default_factory=SearchConfig)
+
+    def __post_init__(self) -> None:
+        """Refuse settings that cannot run, naming the command-line option."""
+        c = self.search
+        for option, value in (("--iterations", self.iterations), ("--max-angle", c.max_angle_deg),
+                              ("--max-shift", c.max_shift_A), ("--max-defocus", c.max_defocus_A)):
+            if not value > 0:
+                raise InputError(None, f"{option} {value:g}: expected a positive value")
+        if not self.max_resolution_A >= 0:
+            raise InputError(None, f"--max-resolution {self.max_resolution_A:g}: expected Å, "
+                                   "or 0 for each half-set's own limit")
 
     @classmethod
     def from_dict(cls, d: dict) -> "RefineConfig":
