@@ -34,7 +34,6 @@ from _results import crossings, machine, run_child, shells, truth_fsc, write_jso
 
 from cryosplat import geometry
 from cryosplat.io import read_particles, read_volume
-from cryosplat.refine.search import angle_between_deg
 
 
 def perturb(src: Path, dst: Path, seed: int = 0) -> None:
@@ -66,7 +65,7 @@ def perturb(src: Path, dst: Path, seed: int = 0) -> None:
 def errors(star: Path, truth_star: Path, n: int) -> dict:
     """Median errors of ``star``'s poses against ``truth_star``'s (first ``n`` rows)."""
     a, t = read_particles(star).first(n), read_particles(truth_star).first(n)
-    return {"angle_deg": float(angle_between_deg(a.rotations, t.rotations).median()),
+    return {"angle_deg": float(geometry.rotation_angle_deg(a.rotations, t.rotations).median()),
             "origin_A": float((a.shifts_A - t.shifts_A).norm(dim=-1).median()),
             "defocus_A": float((a.ctf.defocus_u_A - t.ctf.defocus_u_A).abs().median())}
 

@@ -140,6 +140,13 @@ def matrix_to_axis_angle(matrix: torch.Tensor) -> torch.Tensor:
     return xyz * scale[..., None]
 
 
+def rotation_angle_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Geodesic angle between rotations ``a`` and ``b`` `(..., 3, 3)`: the angle of
+    ``a b^T``, in degrees `(...)`."""
+    cos = ((a * b).sum((-1, -2)) - 1) / 2
+    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
+
+
 def quaternion_to_matrix(quat: torch.Tensor) -> torch.Tensor:
     """Unit quaternion ``(w, x, y, z)`` to an active rotation matrix (normalises first).
 

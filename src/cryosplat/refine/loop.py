@@ -24,10 +24,11 @@ import torch
 from cryosplat.backproject import insert_particles
 from cryosplat.errors import InputError
 from cryosplat.gaussians import GaussianMixture
+from cryosplat.geometry import rotation_angle_deg
 from cryosplat.io import Particles
 from cryosplat.io.atomic import atomic_path
 from cryosplat.refine.search import (Pose, SearchConfig, alignment_limit, alignment_points,
-                                     angle_between_deg, as_sampled, refine_batch)
+                                     as_sampled, refine_batch)
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.volume import (HalfSetVolumeFit, PaddedTransform, fit_gold_standard_volume,
                                     make_fits, split_held_out)
@@ -37,7 +38,7 @@ from cryosplat.train.volume import (HalfSetVolumeFit, PaddedTransform, fit_gold_
 class RefineConfig:
     """Settings of ``cryosplat refine`` beyond reconstruct's (``config.json``'s ``refine``)."""
 
-    iterations: int = 2  # a third moved 4AKE (SNR 0.05) particles by a median 0.3°, within its noise
+    iterations: int = 2  # a third moved 4AKE (SNR 0.05) particles by a median 0.3°: noise
     batch_size: int = 64  # particles searched at once
     max_resolution_A: float = 0.0  # the finest resolution used to align; 0: each half-set's
     # own limit (:func:`cryosplat.refine.search.alignment_limit`)
@@ -77,7 +78,7 @@ def input_pose(p: Particles) -> Pose:
 def pose_changes(a: Pose, b: Pose) -> dict[str, np.ndarray]:
     """Per particle: angle (degrees), origin shift (Å) and defocus change (Å) from ``a`` to
     ``b``."""
-    return {"angle_deg": angle_between_deg(a.rotations, b.rotations).numpy(),
+    return {"angle_deg": rotation_angle_deg(a.rotations, b.rotations).numpy(),
             "shift_A": (a.origins_A - b.origins_A).norm(dim=-1).numpy(),
             "defocus_A": (b.defocus_change_A - a.defocus_change_A).numpy()}
 
@@ -104,20 +105,15 @@ def search_half(p: Particles, indices: np.ndarray, fit: HalfSetVolumeFit, pose: 
         f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))).reshape(len(idx), -1)
         batch = pose[t]
         new, sc = refine_batch(volume, f[:, points.flat], ctf[t].to(device, torch.float32),
-                               _to(batch, device), _to(start[t], device), points, pix,
+                               batch.to(device, torch.float32),
+                               start[t].to(device, torch.float32), points, pix,
                                cfg.search, scale)
-        out.append(_to(new, "cpu", torch.float64))
+        out.append(new.to("cpu", torch.float64))
         score.append(sc.cpu())
         advance(len(idx))
-    new = Pose(*(torch.cat([getattr(o, n) for o in out]) for n in ("rotations", "origins_A",
-                                                                      "defocus_change_A")))
+    new = Pose.cat(out)
     return new, {"limit_shell": shell, "limit_A": d * pix / shell,
                  "mean_score": float(torch.cat(score).mean()), "heldout_regression": r.tolist()}
-
-
-def _to(pose: Pose, device, dtype=torch.float32) -> Pose:
-    return Pose(*(getattr(pose, n).to(device, dtype) for n in ("rotations", "origins_A",
-                                                                 "defocus_change_A")))
 
 
 def fit_halves(p: Particles, half: np.ndarray, train: TrainConfig, pix: float,
@@ -155,7 +151,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
     start = input_pose(p)
     pose, history, models, first = start, [], None, 1
     if resume is not None:
-        pose = Pose(*(resume["pose"][n] for n in ("rotations", "origins_A", "defocus_change_A")))
+        pose = Pose(**resume["pose"])
         models = [GaussianMixture.from_raw(**m) for m in resume["models"]]
         history, first = list(resume["history"]), int(resume["iteration"]) + 1
         log(f"resumed after iteration {first - 1}")
@@ -166,7 +162,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
             fits = fit_halves(with_poses(p, pose), half, train, pix, device, models, log,
                               lambda n, held: advance(n), None)
         t_fit = time.perf_counter() - t0
-        new = Pose(pose.rotations.clone(), pose.origins_A.clone(), pose.defocus_change_A.clone())
+        new = pose.clone()
         row: dict = {"iteration": it, "fit_time_s": t_fit}
         with _bar(progress, f"{label}: searching poses", len(p)) as advance:
             for h, fit in enumerate(fits, 1):
@@ -174,8 +170,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
                 t = torch.from_numpy(idx)
                 got, stats = search_half(p, idx, fit, pose, start, cfg, 0.5 ** (it - 1),
                                          device, advance)
-                new.rotations[t], new.origins_A[t], new.defocus_change_A[t] = (
-                    got.rotations, got.origins_A, got.defocus_change_A)
+                new.assign(t, got)
                 row[f"half_{h}"] = {**stats, "particles": len(idx),
                                     **{f"median_{k}": float(np.median(np.abs(v)))
                                        for k, v in pose_changes(pose[t], got).items()}}
@@ -192,8 +187,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
         if checkpoint is not None:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"iteration": it, "history": history,
-                            "pose": {n: getattr(pose, n) for n in ("rotations", "origins_A",
-                                                                   "defocus_change_A")},
+                            "pose": pose.tensors(),
                             "models": [m.state_dict() for m in models]}, tmp)
     return pose, history, models
 

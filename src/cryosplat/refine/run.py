@@ -16,11 +16,11 @@ import torch
 
 from cryosplat.errors import InputError
 from cryosplat.io.refined_star import write_refined_star
-from cryosplat.refine.loop import RefineConfig, input_pose, pose_changes, refine_gold_standard, \
-    with_poses
+from cryosplat.refine.loop import (RefineConfig, input_pose, pose_changes, refine_gold_standard,
+                                   with_poses)
 from cryosplat.report import plot_pose_changes
-from cryosplat.run import ProgressFactory, RunConfig, no_progress, run_reconstruction, \
-    start_reconstruction
+from cryosplat.run import (ProgressFactory, RunConfig, no_progress, run_reconstruction,
+                           start_reconstruction)
 from cryosplat.train import TrainConfig, resolve_device
 
 CHECKPOINT = "refine_checkpoint.pt"

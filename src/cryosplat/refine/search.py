@@ -26,7 +26,7 @@ pose: ``max_angle_deg``, ``max_shift_A``, ``max_defocus_A``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -55,8 +55,26 @@ class Pose:
     origins_A: torch.Tensor
     defocus_change_A: torch.Tensor
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def __getitem__(self, index) -> "Pose":
-        return Pose(self.rotations[index], self.origins_A[index], self.defocus_change_A[index])
+        return Pose(**{k: v[index] for k, v in self.tensors().items()})
+
+    def to(self, device=None, dtype=None) -> "Pose":
+        return Pose(**{k: v.to(device, dtype) for k, v in self.tensors().items()})
+
+    def clone(self) -> "Pose":
+        return Pose(**{k: v.clone() for k, v in self.tensors().items()})
+
+    def assign(self, index, other: "Pose") -> None:
+        """Set rows ``index`` to ``other``'s, in place."""
+        for k, v in self.tensors().items():
+            v[index] = getattr(other, k)
+
+    @staticmethod
+    def cat(poses: list["Pose"]) -> "Pose":
+        return Pose(**{k: torch.cat([getattr(p, k) for p in poses]) for k in poses[0].tensors()})
 
 
 @dataclass
@@ -149,12 +167,6 @@ def scores(slices: torch.Tensor, ctf: torch.Tensor, centred: torch.Tensor,
     return torch.bmm(a, g.transpose(1, 2)) - power[..., None]
 
 
-def angle_between_deg(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Geodesic angle between rotations ``a`` and ``b`` `(..., 3, 3)`, in degrees."""
-    cos = ((a * b).sum((-1, -2)) - 1) / 2
-    return torch.rad2deg(torch.arccos(cos.clamp(-1.0, 1.0)))
-
-
 @dataclass
 class SearchConfig:
     """How far and how finely :func:`refine_batch` searches (the bounds are RELION-like
@@ -165,7 +177,7 @@ class SearchConfig:
     max_defocus_A: float = 1000.0
     angle_step_deg: float = 2.0  # the first level's step; each level halves it
     shift_step_A: float = 1.0  # idem
-    defocus_step_A: float = 200.0  # 5 defoci, +-2 steps: 100 Å reached only +-300 Å in 2 iterations
+    defocus_step_A: float = 200.0  # 5 defoci, +-2 steps (100 Å reached +-300 Å in 2 iterations)
     levels: int = 3  # the first searches 27 rotations (3x3x3), the others 7 (centre, +-axes)
     polish_steps: int = 5
 
@@ -175,7 +187,7 @@ def _allowed(rotations: torch.Tensor, origins_A: torch.Tensor, change_A: torch.T
     """Which candidate rotations `(B, R, 3, 3)`, origins `(B, S, 2)` and defocus changes
     `(B, C)` stay within ``cfg``'s bounds around the input poses ``start``: `(B, R)`,
     `(B, S)`, `(B, C)` booleans."""
-    angle = angle_between_deg(rotations, start.rotations[:, None])
+    angle = geometry.rotation_angle_deg(rotations, start.rotations[:, None])
     move = (origins_A - start.origins_A[:, None]).norm(dim=-1)
     change = (change_A - start.defocus_change_A[:, None]).abs()
     return (angle <= cfg.max_angle_deg + 1e-4, move <= cfg.max_shift_A + 1e-4,
