@@ -9,7 +9,9 @@ its own process with ``--threads`` threads:
 1. ``cryosplat reconstruct`` from the true poses (the target map);
 2. ``cryosplat reconstruct`` from the perturbed poses (the damage);
 3. ``cryosplat refine`` from the perturbed poses;
-4. ``cryosplat refine`` from the true poses (it must do no harm).
+4. ``cryosplat refine`` from the true poses (it must do no harm);
+5. with ``--nproc N`` (N > 1), ``cryosplat refine --nproc N`` from the perturbed poses, each
+   process with ``--threads / N`` threads (the same cores, shared by processes).
 
 It reports the median angular, origin and defocus errors against the truth before and after
 refinement, each map's FSC against the ground truth (0.5 and 0.143 crossings, and the mean
@@ -17,7 +19,7 @@ FSC), the shells between the refined and the true-pose maps, the wall times and 
 speed (particles/s per iteration). Writes ``refine_<device>.json``.
 
     .venv/bin/python benchmarks/refine.py SIM_DIR [SIM_DIR ...] [--particles N]
-        [--threads 2] [--workdir DIR] [--out benchmarks/results] [--device cpu]
+        [--threads 2] [--nproc 1] [--workdir DIR] [--out benchmarks/results] [--device cpu]
 """
 
 from __future__ import annotations
@@ -82,11 +84,11 @@ def main() -> None:
     ap.add_argument("datasets", nargs="+", type=Path)
     ap.add_argument("--particles", type=int, default=2000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/cryosplat_refine_bench"))
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = ap.parse_args()
-    env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cli = [sys.executable, "-m", "cryosplat"]
     rows = []
     for sim in args.datasets:
@@ -101,12 +103,18 @@ def main() -> None:
         row = {"dataset": sim.parent.name, "particles": len(p), "box": box, "pixel_size_A": pix}
         common = ["--max-particles", str(args.particles), "--truth", str(truth), "--device",
                   args.device, "--force", "--datadir", str(sim)]
-        for name, cmd, star in (("reconstruct_true", "reconstruct", true_star),
-                                ("reconstruct_perturbed", "reconstruct", perturbed),
-                                ("refine_perturbed", "refine", perturbed),
-                                ("refine_true", "refine", true_star)):
+        runs = [("reconstruct_true", "reconstruct", true_star, 1),
+                ("reconstruct_perturbed", "reconstruct", perturbed, 1),
+                ("refine_perturbed", "refine", perturbed, 1),
+                ("refine_true", "refine", true_star, 1)]
+        if args.nproc > 1:
+            runs.append((f"refine_perturbed_nproc{args.nproc}", "refine", perturbed, args.nproc))
+        for name, cmd, star, nproc in runs:
             out = work / name
-            _, wall, rss = run_child([*cli, cmd, str(star), "--out", str(out), *common], env)
+            each = str(max(1, args.threads // nproc))
+            _, wall, rss = run_child([*cli, cmd, str(star), "--out", str(out), *common,
+                                      *(["--nproc", str(nproc)] if nproc > 1 else [])],
+                                     {"OMP_NUM_THREADS": each, "MKL_NUM_THREADS": each})
             fig = {"wall_s": wall, "peak_rss_MiB": rss, **map_figures(out, gt, box, pix)}
             if cmd == "refine":
                 s = json.loads((out / "summary.json").read_text())["refinement"]

@@ -12,8 +12,10 @@ import starfile
 import torch
 
 from cryosplat import geometry
-from cryosplat.io import assign_half_sets, read_particles, read_volume
-from cryosplat.refine.loop import RefineConfig, refine_gold_standard
+from cryosplat.errors import InputError
+from cryosplat.io import assign_half_sets, read_particles, read_volume, write_particles
+from cryosplat.geometry import rotation_angle_deg
+from cryosplat.refine.loop import RefineConfig, input_pose, refine_gold_standard
 from cryosplat.refine.search import (Pose, SearchConfig, alignment_points, as_sampled,
                                      refine_batch)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
@@ -118,6 +120,54 @@ def test_a_half_sets_poses_and_model_ignore_the_other_half_set(sim):
         assert torch.equal(x, models[0].state_dict()[k]), k
 
 
+def _refine_rank(rank: int, world: int, init_file: str, star: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        pose, history, models = _refine_small(read_particles(star))
+        torch.save({"pose": pose.tensors(), "models": [m.state_dict() for m in models],
+                    "history": history}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _refine_small(p):
+    train = TrainConfig(max_steps=6)
+    cfg = RefineConfig(iterations=2, batch_size=16, search=SearchConfig(polish_steps=2))
+    return refine_gold_standard(p, assign_half_sets(p, 0), train, cfg, torch.device("cpu"),
+                                log=lambda m: None)
+
+
+def test_two_processes_refine_exactly_as_one(sim, tmp_path):
+    """--nproc: rank r fits half-set r + 1 and searches every other batch of both; the poses
+    and models on every rank are bit for bit those of one process (one thread each)."""
+    import torch.multiprocessing as mp
+
+    path = write_particles(tmp_path / "sub", read_particles(sim["particles"]).first(100))
+    out = tmp_path / "two"
+    mp.spawn(_refine_rank, args=(2, str(tmp_path / "init"), str(path), str(out)), nprocs=2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pose, history, models = _refine_small(read_particles(path))
+    finally:
+        torch.set_num_threads(threads)
+    assert history[-1]["processes"] == 1
+    for rank in (0, 1):
+        got = torch.load(f"{out}.{rank}", weights_only=True)
+        assert got["history"][-1]["processes"] == 2
+        for k, x in pose.tensors().items():
+            assert torch.equal(got["pose"][k], x), (rank, k)
+        for m, state in zip(models, got["models"]):
+            for k, x in m.state_dict().items():
+                assert torch.equal(state[k], x), (rank, k)
+    assert (rotation_angle_deg(pose.rotations, input_pose(read_particles(path)).rotations)
+            > 0).any()  # the search moved something
+
+
 def test_cli_refine_writes_a_star_that_keeps_every_column_and_reads_back(sim, tmp_path):
     from test_reliability import cli as run
 
@@ -128,8 +178,11 @@ def test_cli_refine_writes_a_star_that_keeps_every_column_and_reads_back(sim, tm
     (tmp_path / "particles.mrcs").symlink_to(sim["stack"])
     out = tmp_path / "ref"
     r = run("refine", star, "--out", out, "--iterations", 1, "--max-particles", 120,
-            "--truth", sim["ground_truth"])
+            "--truth", sim["ground_truth"], "--nproc", 2)
     assert r.returncode == 0, r.stderr
+    log = (out / "log.txt").read_text()
+    assert log.count("cryosplat refine:") == 1 and "2 process(es)" in log  # rank 0 logs
+    assert r.stdout.count("refined poses") == 1  # and prints
     got = starfile.read(out / "particles.star", always_dict=True)
     assert set(blocks["particles"].columns) <= set(got["particles"].columns)
     assert "rlnRandomSubset" in got["particles"] and len(got["particles"]) == 120
@@ -152,3 +205,12 @@ def test_cli_refine_writes_a_star_that_keeps_every_column_and_reads_back(sim, tm
     r = run("refine", star, "--out", tmp_path / "zero", "--iterations", 0)
     assert r.returncode == 2 and "--iterations 0" in r.stderr, r.stderr
     assert not (tmp_path / "zero").exists()
+
+
+def test_refine_refuses_a_run_without_held_out_particles(sim):
+    """The alignment limit comes from held-out particles: with none, refine says so rather
+    than take the limit from the particles the model was fitted to."""
+    p = read_particles(sim["particles"]).first(40)
+    with pytest.raises(InputError, match="holdout 0"):
+        refine_gold_standard(p, assign_half_sets(p, 0), TrainConfig(holdout_fraction=0.0),
+                             RefineConfig(iterations=1), torch.device("cpu"), log=lambda m: None)

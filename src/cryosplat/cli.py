@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -22,16 +20,15 @@ from cryosplat.io.atomic import write_json
 from cryosplat.report import write_fsc
 from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
                               run_refinement)
-from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, TruthOpt, new_or_resumed,
-                               particle_options)
+from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, TruthOpt,
+                               join_processes, new_or_resumed, particle_options)
 from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir, read_map_like,
                            run_backprojection, run_demo, run_reconstruction,
                            start_reconstruction)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.terminal import (console, print_checks, print_demo, print_info,
                                 print_reconstruction, print_resolutions, progress_bar, run_app)
-from cryosplat.train import TrainConfig, init_distributed
-from cryosplat.train.distributed import launch_torchrun
+from cryosplat.train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cryo-EM reconstruction with a physics-exact Gaussian-splatting renderer.")
@@ -213,9 +210,7 @@ def reconstruct(
                                                         "split"),
     checkpoint_every: int = typer.Option(TRAIN.checkpoint_every, "--checkpoint-every",
                                          help="Steps between checkpoints"),
-    nproc: int = typer.Option(1, "--nproc", help="Data-parallel processes on this machine "
-                              "(launched with torchrun; gloo on CPU, NCCL on GPUs). For several "
-                              "machines run torchrun yourself: see README"),
+    nproc: int = NprocOpt,
     workers: int = typer.Option(TRAIN.loader_workers, "--workers", help="DataLoader processes "
                                 "reading particles ahead of training (0: read on demand)"),
     validate: bool = typer.Option(RunConfig.validate, "--validate/--no-validate", help="Also "
@@ -227,11 +222,7 @@ def reconstruct(
 ):
     """Gold-standard Gaussian-mixture reconstruction: each half-set's mixture starts inside
     its own direct map (or at random) and is fitted to its own particles only."""
-    if nproc < 1:
-        raise InputError(None, f"--nproc {nproc}: expected 1 or more")
-    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
-    lead = init_distributed(device)[0] == 0
+    lead = join_processes(nproc, device)
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_run,
                                         lambda fields: RunConfig(
         **fields, device=device, validate=validate, train=TrainConfig(
@@ -261,6 +252,7 @@ def refine(
                                          "align with no finer detail (0: each half-set's own "
                                          "limit, from its held-out particles)"),
     device: str = typer.Option(RunConfig.device, "--device", help="cpu, cuda or auto"),
+    nproc: int = NprocOpt,
     seed: int = typer.Option(TRAIN.seed, "--seed", help="Seeds and half-set split"),
     truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
@@ -269,13 +261,15 @@ def refine(
     """Refine each particle's rotation, origin and defocus against its own half-set's Gaussian
     model (local searches, then gradient steps), alternating with the models' fits; writes
     DIR/particles.star with the refined values, and the maps, FSC and report."""
+    lead = join_processes(nproc, device)
     search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_refine_run,
                                         lambda fields: RefineRunConfig(
         **fields, device=device, train=TrainConfig(seed=seed),
         refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search)))
     s = run_refinement(config, out, force, state, new=resume is None, progress=progress_bar)
-    print_reconstruction(s)
+    if lead:
+        print_reconstruction(s)
 
 
 @app.command()

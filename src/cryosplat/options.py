@@ -1,11 +1,13 @@
 """The options that several ``cryosplat`` commands share, defined once: how particles are
-read (:func:`particle_options`), --force, --truth and --mask, and PARTICLES --out against
---resume DIR (:func:`new_or_resumed`)."""
+read (:func:`particle_options`), --force, --truth, --mask and --nproc (:func:`join_processes`),
+and PARTICLES --out against --resume DIR (:func:`new_or_resumed`)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
@@ -14,11 +16,15 @@ import typer
 
 from cryosplat.errors import InputError
 from cryosplat.run import ParticleSource
+from cryosplat.train.distributed import init_distributed, launch_torchrun
 
 PARTICLES_HELP = "Particles: .star, .cs, or .mrcs with --poses/--ctf"
 ForceOpt = typer.Option(False, "--force", help="Write into a non-empty --out")
 TruthOpt = typer.Option(None, "--truth", help="Ground-truth map (simulations): also the FSC of "
                                               "the map against it")
+NprocOpt = typer.Option(1, "--nproc", help="Processes on this machine (launched with torchrun; "
+                        "gloo on CPU, NCCL on GPUs). For several machines run torchrun "
+                        "yourself: see README")
 MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
                                             "corrected FSC, instead of the soft auto-mask")
 
@@ -83,3 +89,14 @@ def new_or_resumed(source: ParticleSource | None, out: Path | None, resume: Path
     return build({**vars(source), "particles": str(Path(source.particles).resolve()),
                   "truth": truth and str(truth.resolve()),
                   "mask": mask and str(mask.resolve())}), None, out
+
+
+def join_processes(nproc: int, device: str) -> bool:
+    """--nproc: outside torchrun with ``nproc`` > 1, run this command line again as ``nproc``
+    torchrun processes and exit with their status; under torchrun, join its process group.
+    Returns whether this process is rank 0 (the one that prints)."""
+    if nproc < 1:
+        raise InputError(None, f"--nproc {nproc}: expected 1 or more")
+    if nproc > 1 and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise typer.Exit(launch_torchrun(nproc, sys.argv[1:]))
+    return init_distributed(device)[0] == 0

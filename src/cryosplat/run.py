@@ -176,17 +176,19 @@ def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask
 
 
 def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
-                         new: bool = True) -> tuple[Particles, np.ndarray]:
+                         new: bool = True, shares_ranks: bool = False
+                         ) -> tuple[Particles, np.ndarray]:
     """Read and check the particles of ``config`` and assign their half-sets (once for the
     whole run); for a ``new`` run, then make ``out`` (refusing a non-empty one without
     ``force``) and write config.json there. Every check comes before the folder is made.
+    ``shares_ranks``: the caller divides the work between torchrun's processes itself (refine).
     Returns (the particles, the half-set of each)."""
     p = config.read()
     p.require_poses(), p.require_ctf(), p.check_images()
     half = assign_half_sets(p, config.train.seed)
     if config.train.objective == "images":
         check_batch_size(p, half, config.train)
-    elif rank_and_world()[1] > 1:
+    elif rank_and_world()[1] > 1 and not shares_ranks:
         raise InputError(None, "--objective volume fits each half-set in one process; "
                                "--nproc is for --objective images")
     elif min(int((half == h).sum()) for h in (1, 2)) < 2:

@@ -30,8 +30,9 @@ from cryosplat.io.atomic import atomic_path
 from cryosplat.refine.search import (Pose, SearchConfig, alignment_limit, alignment_points,
                                      as_sampled, refine_batch)
 from cryosplat.train.config import TrainConfig
-from cryosplat.train.volume import (HalfSetVolumeFit, PaddedTransform, fit_gold_standard_volume,
-                                    make_fits, split_held_out)
+from cryosplat.train.distributed import (all_reduce_sum, barrier, broadcast_object,
+                                         rank_and_world)
+from cryosplat.train.volume import (HalfSetVolumeFit, PaddedTransform, make_fits, split_held_out)
 
 
 @dataclass
@@ -83,58 +84,104 @@ def pose_changes(a: Pose, b: Pose) -> dict[str, np.ndarray]:
             "defocus_A": (b.defocus_change_A - a.defocus_change_A).numpy()}
 
 
-def search_half(p: Particles, indices: np.ndarray, fit: HalfSetVolumeFit, pose: Pose,
-                start: Pose, cfg: RefineConfig, scale: float, device: torch.device,
-                advance: Callable[[int], None]) -> tuple[Pose, dict]:
-    """Search the particles ``indices`` of one half-set against its fitted mixture ``fit``.
-    Returns (their new poses, the half-set's statistics: alignment limit, mean score)."""
-    d, pix = p.box_size, fit.pix
+@dataclass
+class HalfReference:
+    """What searching one half-set needs from its fit, made by the process that fitted it and
+    sent to the others: the mixture voxelised `(D, D, D)` (CPU), the alignment limit (a shell
+    of the box), the held-out regression per shell `(D//2+1,)` (:func:`alignment_limit`), the
+    mixture's parameters (CPU) and why its fit stopped."""
+
+    volume: torch.Tensor
+    limit_shell: int
+    regression: torch.Tensor
+    model: dict[str, torch.Tensor]
+    stop_reason: str
+
+
+def half_reference(fit: HalfSetVolumeFit, cfg: RefineConfig) -> HalfReference:
+    """The :class:`HalfReference` of a fitted half-set: the limit from its own held-out
+    particles, capped by ``cfg.max_resolution_A``."""
+    d, pix = fit.d, fit.pix
     with torch.no_grad():
-        vox = fit.volume().to(device)
-        shell, r = alignment_limit(fit.objective.transform(vox), fit.held_out or fit.objective)
-        volume = as_sampled(PaddedTransform(d, 2 * d, -1, device)(vox))
+        vox = fit.volume()
+        shell, r = alignment_limit(fit.objective.transform(vox.to(fit.device)), fit.held_out)
     if cfg.max_resolution_A > 0:
         shell = min(shell, max(3, int(d * pix / cfg.max_resolution_A)))
-    points = alignment_points(d, shell, device)
+    return HalfReference(vox, shell, r, {k: v.detach().cpu()
+                                         for k, v in fit.model.state_dict().items()},
+                         fit.stop_reason)
+
+
+def search_share(indices: np.ndarray, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """The particles of ``indices`` that process ``rank`` of ``world`` searches: batches
+    ``rank``, ``rank + world``... of ``batch_size``, so every batch is the one a single
+    process would search, and the poses do not depend on the number of processes."""
+    starts = range(rank * batch_size, len(indices), world * batch_size)
+    return np.concatenate([indices[s:s + batch_size] for s in starts] or [indices[:0]])
+
+
+def search_half(p: Particles, indices: np.ndarray, ref: HalfReference, pose: Pose, start: Pose,
+                cfg: RefineConfig, scale: float, device: torch.device,
+                advance: Callable[[int], None]) -> tuple[Pose, torch.Tensor]:
+    """Search the particles ``indices`` (`(n,)`, of one half-set) against that half-set's
+    model ``ref``. Returns (their new poses, float64 on the CPU, and their scores `(n,)`)."""
+    d, pix = p.box_size, p.require_single_pixel_size()
+    with torch.no_grad():
+        volume = as_sampled(PaddedTransform(d, 2 * d, -1, device)(ref.volume.to(device)))
+    points = alignment_points(d, ref.limit_shell, device)
     ctf = p.require_ctf()
-    out, score = [], []
+    out, score = [pose[torch.from_numpy(indices[:0])]], [torch.zeros(0, dtype=torch.float64)]
     for s in range(0, len(indices), cfg.batch_size):
         idx = indices[s:s + cfg.batch_size]
         t = torch.from_numpy(idx)
         images = p.read_images(idx).to(device)
         f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1))).reshape(len(idx), -1)
-        batch = pose[t]
         new, sc = refine_batch(volume, f[:, points.flat], ctf[t].to(device, torch.float32),
-                               batch.to(device, torch.float32),
+                               pose[t].to(device, torch.float32),
                                start[t].to(device, torch.float32), points, pix,
                                cfg.search, scale)
         out.append(new.to("cpu", torch.float64))
-        score.append(sc.cpu())
+        score.append(sc.double().cpu())
         advance(len(idx))
-    new = Pose.cat(out)
-    return new, {"limit_shell": shell, "limit_A": d * pix / shell,
-                 "mean_score": float(torch.cat(score).mean()), "heldout_regression": r.tolist()}
+    return Pose.cat(out), torch.cat(score)
 
 
-def fit_halves(p: Particles, half: np.ndarray, train: TrainConfig, pix: float,
-               device: torch.device, models: list[GaussianMixture] | None,
-               log: Callable[[str], None], progress: Callable | None, out: Path | None
+def gather_rows(pose: Pose, score: torch.Tensor, rows: np.ndarray, n: int, device: torch.device
+                ) -> tuple[Pose, float]:
+    """Every process's searched ``rows`` (their ``pose`` and ``score``) into one :class:`Pose`
+    of all `n` particles (rows no process searched are zero), on every process; and the sum of
+    the scores. Each row is searched by one process, so the sums over processes are exact."""
+    t = torch.from_numpy(rows)
+    full = {}
+    for k, v in pose.tensors().items():
+        full[k] = torch.zeros((n, *v.shape[1:]), dtype=torch.float64, device=device)
+        full[k][t.to(device)] = v.to(device, torch.float64)
+        full[k] = all_reduce_sum(full[k]).cpu()
+    total = all_reduce_sum(score.sum().reshape(1).to(device, torch.float64))
+    return Pose(**full), float(total)
+
+
+def fit_halves(p: Particles, half: np.ndarray, halves: tuple[int, ...], train: TrainConfig,
+               pix: float, device: torch.device, models: list[GaussianMixture] | None,
+               advance: Callable[[int], None], log: Callable[[str], None]
                ) -> list[HalfSetVolumeFit]:
-    """Each half-set's mixture fitted to its own particles at the poses of ``p``: seeded in
-    its own support (``models`` None) or continued from ``models``."""
+    """The mixtures of half-sets ``halves`` fitted each to its own particles at the poses of
+    ``p``: seeded in its own support (``models`` None) or continued from ``models`` (both
+    half-sets'). ``advance(1)`` after each step."""
     ins = []
-    for h in (1, 2):
+    for h in halves:
         tr, held = split_held_out(np.nonzero(half == h)[0], train.holdout_fraction, train.seed, h)
-        ins.append((insert_particles(p, tr, device=device),
-                    insert_particles(p, held, device=device) if len(held) else None))
+        ins.append((insert_particles(p, tr, device=device), insert_particles(p, held, device=device)))
     if models is None:
-        fits = make_fits(ins, train, pix, device, out=None, log=log)
+        fits = make_fits(ins, train, pix, device, out=None, log=log, halves=halves)
     else:
-        fits = [HalfSetVolumeFit(m, tr, held, train, h, pix, device)
-                for h, (m, (tr, held)) in enumerate(zip(models, ins), 1)]
-    fit_gold_standard_volume(fits, train, progress=progress, log=log)
-    for f in fits:
-        log(f"half-set {f.half}: {f.stop_reason}")
+        fits = [HalfSetVolumeFit(models[h - 1], tr, held, train, h, pix, device)
+                for h, (tr, held) in zip(halves, ins)]
+    while not all(f.done for f in fits):
+        for f in fits:
+            if not f.done:
+                f.train_step()
+        advance(1)
     return fits
 
 
@@ -144,10 +191,25 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
                          progress=None) -> tuple[Pose, list[dict], list[GaussianMixture]]:
     """Alternate fits and searches for ``cfg.iterations`` iterations (module docstring).
 
+    Under torchrun with `W` processes, process ``(h - 1) % W`` fits half-set ``h`` and sends
+    its :class:`HalfReference` to the others; every process then searches its share
+    (:func:`search_share`) of both half-sets, and the poses are summed over processes. Call it
+    on every process; only rank 0 logs, shows progress and writes the checkpoint. The result
+    does not depend on `W` (the same fits, the same batches).
+
     ``progress(description, total, completed)`` is a :data:`cryosplat.run.ProgressFactory`
     or None. Returns (the refined poses of all `N` particles, one statistics row per
-    iteration, the half-sets' mixtures of the last iteration)."""
+    iteration, the half-sets' mixtures of the last iteration), on every process."""
+    if not train.holdout_fraction > 0:
+        raise InputError(None, "refine finds each half-set's alignment limit from its own "
+                               f"held-out particles: holdout {train.holdout_fraction:g} holds "
+                               "none out")
     pix = p.require_single_pixel_size()
+    rank, world = rank_and_world()
+    if rank != 0:
+        log, progress = (lambda msg: None), None
+    owner = {h: (h - 1) % world for h in (1, 2)}
+    mine = tuple(h for h in (1, 2) if owner[h] == rank)
     start = input_pose(p)
     pose, history, models, first = start, [], None, 1
     if resume is not None:
@@ -159,36 +221,46 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
         t0 = time.perf_counter()
         label = f"iteration {it}/{cfg.iterations}"
         with _bar(progress, f"{label}: fitting each half-set", train.max_steps) as advance:
-            fits = fit_halves(with_poses(p, pose), half, train, pix, device, models, log,
-                              lambda n, held: advance(n), None)
+            fits = fit_halves(with_poses(p, pose), half, mine, train, pix, device, models,
+                              advance, log)
+        refs = {h: broadcast_object(half_reference(fits[mine.index(h)], cfg) if h in mine
+                                    else None, owner[h]) for h in (1, 2)}
         t_fit = time.perf_counter() - t0
         new = pose.clone()
-        row: dict = {"iteration": it, "fit_time_s": t_fit}
+        row: dict = {"iteration": it, "fit_time_s": t_fit, "processes": world}
         with _bar(progress, f"{label}: searching poses", len(p)) as advance:
-            for h, fit in enumerate(fits, 1):
+            for h in (1, 2):
                 idx = np.nonzero(half == h)[0]
+                share = search_share(idx, cfg.batch_size, rank, world)
+                got, score = search_half(p, share, refs[h], pose, start, cfg, 0.5 ** (it - 1),
+                                         device, lambda n: advance(n * world))
+                got, total = gather_rows(got, score, share, len(p), device)
                 t = torch.from_numpy(idx)
-                got, stats = search_half(p, idx, fit, pose, start, cfg, 0.5 ** (it - 1),
-                                         device, advance)
-                new.assign(t, got)
-                row[f"half_{h}"] = {**stats, "particles": len(idx),
-                                    **{f"median_{k}": float(np.median(np.abs(v)))
-                                       for k, v in pose_changes(pose[t], got).items()}}
+                new.assign(t, got[t])
+                r = refs[h]
+                row[f"half_{h}"] = {
+                    "limit_shell": r.limit_shell, "limit_A": p.box_size * pix / r.limit_shell,
+                    "mean_score": total / len(idx), "heldout_regression": r.regression.tolist(),
+                    "fit": r.stop_reason, "particles": len(idx),
+                    **{f"median_{k}": float(np.median(np.abs(v)))
+                       for k, v in pose_changes(pose[t], new[t]).items()}}
         row["search_time_s"] = time.perf_counter() - t0 - t_fit
         row["particles_per_s"] = len(p) / max(row["search_time_s"], 1e-9)
         history.append(row)
         log(f"{label}: fit {t_fit:.0f} s, search {row['search_time_s']:.0f} s "
-            f"({row['particles_per_s']:.0f} particles/s); " + "; ".join(
-                f"half-set {h}: aligned to {row[f'half_{h}']['limit_A']:.1f} Å, median change "
+            f"({row['particles_per_s']:.0f} particles/s, {world} process(es)); " + "; ".join(
+                f"half-set {h}: {row[f'half_{h}']['fit']}; aligned to "
+                f"{row[f'half_{h}']['limit_A']:.1f} Å, median change "
                 f"{row[f'half_{h}']['median_angle_deg']:.2f}°, "
                 f"{row[f'half_{h}']['median_shift_A']:.2f} Å, "
                 f"{row[f'half_{h}']['median_defocus_A']:.0f} Å defocus" for h in (1, 2)))
-        pose, models = new, [f.model.cpu() for f in fits]
-        if checkpoint is not None:
+        pose = new
+        models = [GaussianMixture.from_raw(**refs[h].model) for h in (1, 2)]
+        if checkpoint is not None and rank == 0:
             with atomic_path(checkpoint) as tmp:
-                torch.save({"iteration": it, "history": history,
-                            "pose": pose.tensors(),
-                            "models": [m.state_dict() for m in models]}, tmp)
+                torch.save({"iteration": it, "history": history, "pose": pose.tensors(),
+                            "models": [refs[h].model for h in (1, 2)]}, tmp)
+        barrier()
     return pose, history, models
 
 

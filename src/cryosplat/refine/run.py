@@ -21,7 +21,8 @@ from cryosplat.refine.loop import (RefineConfig, input_pose, pose_changes, refin
 from cryosplat.report import plot_pose_changes
 from cryosplat.run import (ProgressFactory, RunConfig, no_progress, run_reconstruction,
                            start_reconstruction)
-from cryosplat.train import TrainConfig, resolve_device
+from cryosplat.train import TrainConfig, rank_and_world, resolve_device
+from cryosplat.train.distributed import leave_group
 
 CHECKPOINT = "refine_checkpoint.pt"
 
@@ -58,19 +59,26 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
     """Refine the particles of ``config`` into ``out`` (module docstring). ``new``: make
     ``out`` (refusing a non-empty one without ``force``); ``resume``: the checkpoint of
     :func:`load_refine_run`. Returns the final reconstruction's summary, with a
-    ``refinement`` entry (per iteration, and the changes from the input poses)."""
-    p, half = start_reconstruction(config, out, force, new=new)
+    ``refinement`` entry (per iteration, and the changes from the input poses).
+
+    Under torchrun every process calls it and shares the searches
+    (:func:`~cryosplat.refine.loop.refine_gold_standard`); then rank 0 alone writes the outputs
+    and reconstructs, and the others return {}."""
+    p, half = start_reconstruction(config, out, force, new=new, shares_ranks=True)
+    lead = rank_and_world()[0] == 0
     stale = out / "backprojection"  # validation maps of an earlier run into this folder
-    if new and stale.is_dir():
+    if new and lead and stale.is_dir():
         shutil.rmtree(stale)
     dev = resolve_device(config.device)
 
     def log(msg: str) -> None:
+        if not lead:
+            return
         with open(out / "log.txt", "a", encoding="utf-8") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
 
-    log(f"cryosplat refine: {len(p)} particles, box {p.box_size}, device {dev}, refine "
-        f"{json.dumps(config.to_dict()['refine'])}")
+    log(f"cryosplat refine: {len(p)} particles, box {p.box_size}, device {dev}, "
+        f"{rank_and_world()[1]} process(es), refine {json.dumps(config.to_dict()['refine'])}")
     t0 = time.perf_counter()
     try:
         pose, history, _ = refine_gold_standard(p, half, config.train, config.refine, dev,
@@ -78,6 +86,9 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
     except BaseException as e:
         log(f"stopped during refinement: {type(e).__name__}: {e}; continue with --resume {out}")
         raise
+    leave_group()  # the final reconstruction fits each half-set in one process: rank 0's
+    if not lead:
+        return {}
     refined = with_poses(p, pose)
     star = write_refined_star(out / "particles.star", refined, half)
     changes = pose_changes(input_pose(p), pose)

@@ -1,5 +1,6 @@
 """Devices and torch.distributed: which device a process trains on, the process group that
-torchrun describes, and the two collectives training needs (a barrier and a sum).
+torchrun describes, and the collectives training and refinement need (a barrier, a sum, a
+broadcast of one rank's results, and leaving the group).
 
 Outside torchrun every function is a no-op for a single process: rank 0 of 1."""
 
@@ -66,6 +67,25 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_object(obj, src: int):
+    """Rank ``src``'s ``obj`` (any picklable value, tensors on the CPU) on every rank; ``obj``
+    is ignored on the others. In a single process, ``obj`` itself. The pickles travel only
+    between this run's own processes."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj if dist.get_rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def leave_group() -> None:
+    """Every rank leaves the process group (each must call it); afterwards this process runs
+    alone (:func:`rank_and_world` gives (0, 1))."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def launch_torchrun(nproc: int, argv: list[str]) -> int:

@@ -255,16 +255,17 @@ def calibrate_amplitudes(model: GaussianMixture, objective: AccumulatedObjective
 
 def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainConfig,
               voxel_size_A: float, device: torch.device, resume: dict | None = None,
-              out: Path | None = None, log: Callable[[str], None] = print
-              ) -> list[HalfSetVolumeFit]:
-    """Both half-sets' fits from their (training, held-out) ``insertions``: each mixture from
+              out: Path | None = None, log: Callable[[str], None] = print,
+              halves: tuple[int, ...] = (1, 2)) -> list[HalfSetVolumeFit]:
+    """The fits of half-sets ``halves`` from their (training, held-out) ``insertions``, in
+    the same order (both half-sets unless a process makes only its own): each mixture from
     ``resume``'s checkpoint, else seeded in its own training insertion's support
     (``init="map"``, the support written to out/support_half_H.mrc) or at random in a ball
     (``init="random"``, amplitudes calibrated on its own sums)."""
     pix = voxel_size_A
     box = insertions[0][0].box_size
     fits = []
-    for h, (train, held) in enumerate(insertions, 1):
+    for h, (train, held) in zip(halves, insertions, strict=True):
         label = f"half-set {h}"
         if resume is not None:
             model = GaussianMixture.from_raw(**resume["halves"][h - 1]["model"])
