@@ -193,7 +193,9 @@ def test_cli_refine_writes_a_star_that_keeps_every_column_and_reads_back(sim, tm
     assert len(s["refinement"]["iterations"]) == 1 and "truth_resolution_A_0.5" in s
     page = (out / "report.html").read_text()
     assert "<h2>Refinement</h2>" in page and "(pose_changes.png missing)" not in page
-    for f in ("pose_changes.png", "map.mrc", "half_map_2.mrc", "fsc.png", "refine_checkpoint.pt"):
+    assert "<h2>Post-processing</h2>" in page and s["postprocess"]["bfactor_A2"] < 0
+    for f in ("pose_changes.png", "map.mrc", "half_map_2.mrc", "fsc.png", "refine_checkpoint.pt",
+              "postprocess/postprocess.mrc", "postprocess/guinier.png"):
         assert (out / f).stat().st_size > 0, f
     r = run("refine", "--resume", out)  # every iteration done: straight to the final maps
     assert r.returncode == 0, r.stderr

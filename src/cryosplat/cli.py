@@ -17,17 +17,20 @@ from cryosplat.evaluate import fsc_curves, resolutions
 from cryosplat.fourier import shell_frequencies
 from cryosplat.io import assign_half_sets, read_volume, write_particles
 from cryosplat.io.atomic import write_json
+from cryosplat.demo import run_demo
 from cryosplat.report import write_fsc
 from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
                               run_refinement)
 from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, TruthOpt,
                                join_processes, new_or_resumed, particle_options)
-from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir, read_map_like,
-                           run_backprojection, run_demo, run_reconstruction,
-                           start_reconstruction)
+from cryosplat.io.mrc import read_map_like
+from cryosplat.postprocess import postprocess_files, write_postprocess
+from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir,
+                           run_backprojection, run_reconstruction, start_reconstruction)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.terminal import (console, print_checks, print_demo, print_info,
-                                print_reconstruction, print_resolutions, progress_bar, run_app)
+                                print_postprocess, print_reconstruction, print_resolutions,
+                                progress_bar, run_app)
 from cryosplat.train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -169,6 +172,27 @@ def fsc(
 
 
 @app.command()
+def postprocess(
+    half_map_1: Path = typer.Argument(..., help="Half-map 1 (.mrc)"),
+    half_map_2: Path = typer.Argument(..., help="Half-map 2 (.mrc)"),
+    out: Path = typer.Option(..., "--out", help="Output folder"), mask: Optional[Path] = MaskOpt,
+    bfactor: Optional[float] = typer.Option(None, "--bfactor", help="B-factor to apply, Å² "
+                                            "(negative sharpens); default: fitted (--auto-bfac)"),
+    auto_bfac: bool = typer.Option(False, "--auto-bfac", help="Fit the B-factor (the default)"),
+    autob_lowres: float = typer.Option(10.0, "--autob-lowres", help="Å: where the fit starts"),
+    force: bool = ForceOpt,
+):
+    """Sharpen two half-maps as relion_postprocess does: masked, phase-randomisation corrected
+    FSC; FSC weighting; B-factor from the Guinier plot; low-pass at the resolution."""
+    if auto_bfac and bfactor is not None:
+        raise InputError(None, "give --bfactor B or --auto-bfac, not both")
+    result, pix = postprocess_files(half_map_1, half_map_2, mask, bfactor, autob_lowres)
+    prepare_out_dir(out, force)
+    print_postprocess(write_postprocess(out, result, pix, f"{half_map_1} and {half_map_2}"))
+    console.print(f"report: {out / 'report.html'}")
+
+
+@app.command()
 @particle_options()
 def reconstruct(
     particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
@@ -216,6 +240,8 @@ def reconstruct(
     validate: bool = typer.Option(RunConfig.validate, "--validate/--no-validate", help="Also "
                                   "reconstruct each half-set directly, to cross-validate the "
                                   "resolution (about as long as a few epochs on a CPU)"),
+    post: bool = typer.Option(RunConfig.postprocess, "--postprocess/--no-postprocess",
+                              help="Sharpen the half-maps into DIR/postprocess (as RELION)"),
     truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
     force: bool = ForceOpt,
@@ -225,7 +251,7 @@ def reconstruct(
     lead = join_processes(nproc, device)
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_run,
                                         lambda fields: RunConfig(
-        **fields, device=device, validate=validate, train=TrainConfig(
+        **fields, device=device, validate=validate, postprocess=post, train=TrainConfig(
             objective=objective, init=init, gaussians_per_voxel=per_voxel, max_steps=max_steps,
             holdout_fraction=holdout, n_gaussians=gaussians, batch_size=batch, epochs=epochs,
             lr_means_px=lr, loss=loss, densify=densify, max_gaussians=max_gaussians,

@@ -1,6 +1,6 @@
 """Every figure and file of a run's report: fsc.csv and fsc.png, the loss curve and
 resolution against time, a montage of particles beside their renders, and report.html that
-shows them on one page.
+shows them on one page; the Guinier plot and the page section of a post-processing.
 
 matplotlib is imported when the first figure is drawn, not with this module: it costs about
 0.4 s, which every command would pay at start-up (``cryosplat info`` draws nothing)."""
@@ -18,6 +18,7 @@ import numpy as np
 from cryosplat.evaluate import CROSS_VALIDATION_CURVES, Evaluation, resolution_A
 from cryosplat.fourier import shell_frequencies
 from cryosplat.io.atomic import atomic_path
+from cryosplat.postprocess.sharpen import PostProcessed
 
 
 HALF_MAP_CAUTION = (
@@ -187,6 +188,42 @@ def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray
     _save(fig, path)
 
 
+def plot_guinier(path, result: PostProcessed) -> None:
+    """guinier.png: ln mean amplitude per shell against 1/d² for the input, FSC-weighted and
+    sharpened map, the fitted line over its range, and the resolution."""
+    plt = _plt()
+    g = result.guinier
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for name, y in g.ln_amplitude.items():
+        ax.plot(g.k2_per_A2[1:], y[1:], label=name)
+    if g.fitted.any():
+        x = g.k2_per_A2[g.fitted]
+        ax.plot(x, g.intercept + g.slope * x, "k--",
+                label=f"fit {g.fit_range_A[0]:.1f}-{g.fit_range_A[1]:.1f} Å: "
+                      f"B = {result.bfactor_A2:.0f} Å²")
+    ax.axvline(1 / result.resolution_A**2, color="grey", lw=0.8, ls=":",
+               label=f"resolution {result.resolution_A:.2f} Å")
+    ax.set_xlabel("1/d² (1/Å²)")
+    ax.set_ylabel("ln(mean amplitude)")
+    ax.set_title(f"Guinier plot; sharpened with B = {result.bfactor_A2:.0f} Å²")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def postprocess_paragraph(pp: dict) -> str:
+    return (f"<p><b>Post-processed</b> (masked, phase-randomisation corrected FSC at 0.143): "
+            f"{pp['resolution_A']:.2f} Å; sharpened with B = {pp['bfactor_A2']:.0f} Å² and "
+            f"low-passed at {pp['lowpass_A']:.2f} Å (postprocess.mrc).</p>")
+
+
+def embed_png(f: Path) -> str:
+    if not f.exists():
+        return f"<p>({f.name} missing)</p>"
+    data = base64.b64encode(f.read_bytes()).decode()
+    return f'<img src="data:image/png;base64,{data}" alt="{f.name}">'
+
+
 def _refinement_section(summary: dict, img) -> str:
     r = summary.get("refinement")
     if not r:
@@ -207,17 +244,21 @@ def _refinement_section(summary: dict, img) -> str:
             f"{img('pose_changes.png')}")
 
 
+def _postprocess_section(summary: dict, img) -> str:
+    pp = summary.get("postprocess")
+    if not pp:
+        return ""
+    return (f"<h2>Post-processing</h2>{postprocess_paragraph(pp)}<p>In postprocess/: the "
+            f"sharpened maps, their FSC and the Guinier plot.</p>{img('postprocess/guinier.png')}")
+
+
 def write_report(out_dir, summary: dict, config: dict) -> Path:
     """report.html: resolutions, FSC, training curves, montage and the config on one page.
     The figures are embedded, so the file can be mailed or moved alone."""
     out = Path(out_dir)
 
     def img(name: str) -> str:
-        f = out / name
-        if not f.exists():
-            return f"<p>({name} missing)</p>"
-        data = base64.b64encode(f.read_bytes()).decode()
-        return f'<img src="data:image/png;base64,{data}" alt="{name}">'
+        return embed_png(out / name)
 
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['0.143']:.2f}</td><td>{v['0.5']:.2f}</td></tr>"
                    for k, v in summary.get("resolutions_A", {}).items())
@@ -239,6 +280,7 @@ img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 <h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
 {_refinement_section(summary, img)}<h2>FSC</h2>{img('fsc.png')}
+{_postprocess_section(summary, img)}
 <h2>Training</h2>{img('loss.png')}
 <h2>Particles and renders</h2>{img('montage.png')}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>

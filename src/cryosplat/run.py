@@ -1,4 +1,5 @@
-"""One run folder: what ``backproject``, ``reconstruct`` and ``demo`` do, without a terminal.
+"""One run folder: what ``backproject`` and ``reconstruct`` do (``demo`` and ``refine`` build on
+it), without a terminal.
 
 A run reads its particles (:class:`ParticleSource`), assigns the half-sets once, makes the
 direct-inversion baseline (:func:`run_backprojection`; for a Gaussian run, the half-sets'
@@ -26,11 +27,12 @@ from cryosplat.evaluate import evaluate_maps
 from cryosplat.gaussians import model_images
 from cryosplat.io import (Particles, assign_half_sets, read_particles, read_volume,
                           write_volume)
+from cryosplat.io.mrc import read_map_like
 from cryosplat.io.atomic import atomic_path, write_json
 from cryosplat.io.gaussians import write_pdb, write_ply
+from cryosplat.postprocess import postprocess_half_maps
 from cryosplat.report import (describe_cross_validated, plot_montage, plot_training,
                               write_evaluation, write_report)
-from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import (TrainConfig, barrier, check_batch_size, load_checkpoint,
                              rank_and_world, resolve_device, total_steps, train_gold_standard)
 from cryosplat.train.volume import fit_gold_standard_volume, make_fits, split_held_out
@@ -73,6 +75,7 @@ class RunConfig(ParticleSource):
     mask: str | None = None
     device: str = "auto"
     validate: bool = True  # reconstruct each half-set directly, to cross-validate
+    postprocess: bool = True  # sharpen the half-maps' average into out/postprocess
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -102,18 +105,6 @@ def prepare_out_dir(out: Path, force: bool) -> Path:
         raise InputError(out, "exists and is not empty; choose another --out or pass --force")
     out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def read_map_like(path: str | Path, box_size: int, voxel_size_A: float,
-                  what: str) -> torch.Tensor:
-    """A map (truth or mask) that must share the reconstruction's grid."""
-    vol, vox = read_volume(path)
-    if vol.shape[0] != box_size or abs(vox - voxel_size_A) > 1e-3:
-        raise InputError(path, f"{what} is {vol.shape[0]} voxels of {vox:g} Å; expected "
-                               f"{box_size} voxels of {voxel_size_A:g} Å like the maps")
-    if what == "mask" and (vol.min() < -1e-3 or vol.max() > 1 + 1e-3):
-        raise InputError(path, f"mask values span [{vol.min():g}, {vol.max():g}]; expected [0, 1]")
-    return torch.from_numpy(vol)
 
 
 def _optional_map(path, p: Particles, what: str) -> torch.Tensor | None:
@@ -248,6 +239,10 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     e = evaluate_maps(v1, v2, pix, gt, refs, _optional_map(config.mask, p, "mask"))
     write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {len(trainers[0].model)} and "
                                                 f"{len(trainers[1].model)} Gaussians")
+    if config.postprocess:
+        pp = postprocess_half_maps(v1, v2, pix, _optional_map(config.mask, p, "mask"),
+                                   out / "postprocess", "this run's half-maps (Gaussian "
+                                   "mixtures)", log)
     plot_training(out / "loss.png", trace, history)
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
     with torch.no_grad():
@@ -267,6 +262,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
         summary["stopped"] = [t.stop_reason for t in trainers]
     if baseline is not None:
         summary["backprojection"] = baseline[0]
+    if config.postprocess:
+        summary["postprocess"] = pp
     summary.update(extra or {})
     write_json(out / "summary.json", summary)
     summary["report"] = str(write_report(out, summary, config.to_dict()))
@@ -365,34 +362,3 @@ def _fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
                 f"{out / 'checkpoint.pt'} (continue with --resume {out})")
             raise
     return fits, history, trace, refs, baseline
-
-
-def run_demo(out: Path, n_particles: int, device: str,
-             progress: ProgressFactory = no_progress,
-             say: Callable[[str], None] = print) -> tuple[dict, dict, SimulationConfig]:
-    """Simulate ``n_particles`` of the built-in 4AKE model into out/data, reconstruct them
-    directly (out/backprojection) and with Gaussian mixtures at the default settings
-    (out/reconstruction), both against the ground truth. Returns (the Gaussian run's summary,
-    the baseline's, the simulation's settings). ``out`` must exist and be empty."""
-    cfg = SimulationConfig(n_particles=n_particles)
-    say(f"[bold]1. simulate[/bold] {n_particles} particles of the built-in 4AKE model: box "
-        f"{cfg.box_size}, {cfg.pixel_size_A} Å/px, SNR {cfg.snr}, defocus "
-        f"{cfg.defocus_min_um}-{cfg.defocus_max_um} µm")
-    data = out / "data"
-    data.mkdir(exist_ok=True)
-    with progress("simulating", n_particles, 0) as advance:
-        sim = simulate_dataset(None, data, cfg, progress=advance)
-    p = read_particles(sim["particles"])
-    say("[bold]2. baseline[/bold]: direct Fourier inversion with the same half-sets")
-    config = RunConfig(sim["particles"], truth=sim["ground_truth"], device=device)
-    half = assign_half_sets(p, config.train.seed)
-    bp, bp_result = run_backprojection(p, out / "backprojection", half, config.truth,
-                                       progress=progress)
-    say("[bold]3. reconstruct[/bold]: Gaussians seeded inside each half-set's own direct map, "
-        "fitted to that half-set's particles until its held-out particles stop improving")
-    rec = out / "reconstruction"
-    rec.mkdir(exist_ok=True)
-    write_json(rec / "config.json", config.to_dict())
-    s = run_reconstruction(p, half, rec, config, progress=progress,
-                           baseline=(bp, (bp_result.half_map_1, bp_result.half_map_2)))
-    return s, bp, cfg

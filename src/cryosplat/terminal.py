@@ -84,6 +84,7 @@ def print_reconstruction(summary: dict) -> None:
         console.print(f"[bold]cross-validated resolution[/bold] (each mixture against the other "
                       f"half-set's direct map, FSC 0.5): {describe_cross_validated(summary)}")
     console.print(f"[yellow]caution:[/yellow] {HALF_MAP_CAUTION}")
+    print_postprocess(summary.get("postprocess"))
     if "refinement" in summary:  # cryosplat refine
         r = summary["refinement"]
         med = r["median_change_from_input"]
@@ -91,6 +92,18 @@ def print_reconstruction(summary: dict) -> None:
                       f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, "
                       f"{med['defocus_A']:.0f} Å of defocus)")
     console.print(f"report: {summary['report']}")
+
+
+def print_postprocess(pp: dict | None) -> None:
+    """A post-processing's resolution, B-factor and map, or why it was not done."""
+    if not pp:
+        return
+    if "error" in pp:
+        console.print(f"[yellow]post-processing not done:[/yellow] {pp['error']}")
+        return
+    console.print(f"[bold]post-processed[/bold] (masked, corrected FSC 0.143): "
+                  f"{pp['resolution_A']:.2f} Å; B-factor {pp['bfactor_A2']:.0f} Å²; sharpened "
+                  f"map {pp['maps']['postprocess']}")
 
 
 def print_demo(gaussian: dict, baseline: dict, out, nyquist_A: float, seconds: float) -> None:

@@ -289,3 +289,15 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, float]:
     if not np.isfinite(data).all():
         raise InputError(path, "map holds NaN or Inf voxels")
     return data, h.voxel_size_A
+
+
+def read_map_like(path: str | Path, box_size: int, voxel_size_A: float,
+                  what: str) -> torch.Tensor:
+    """A map (truth or mask) that must share the reconstruction's grid."""
+    vol, vox = read_volume(path)
+    if vol.shape[0] != box_size or abs(vox - voxel_size_A) > 1e-3:
+        raise InputError(path, f"{what} is {vol.shape[0]} voxels of {vox:g} Å; expected "
+                               f"{box_size} voxels of {voxel_size_A:g} Å like the maps")
+    if what == "mask" and (vol.min() < -1e-3 or vol.max() > 1 + 1e-3):
+        raise InputError(path, f"mask values span [{vol.min():g}, {vol.max():g}]; expected [0, 1]")
+    return torch.from_numpy(vol)

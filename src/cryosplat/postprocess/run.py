@@ -1,0 +1,91 @@
+"""One post-processing folder: :func:`~cryosplat.postprocess.sharpen.postprocess` of two
+half-maps, written as postprocess.mrc, postprocess_masked.mrc, postprocess_mask.mrc,
+fsc.csv/png, guinier.png, summary.json and report.html. ``cryosplat postprocess`` makes one
+from two MRC files (:func:`postprocess_files`, then :func:`write_postprocess`); ``reconstruct`` from its own half-maps
+(:func:`postprocess_half_maps`, into DIR/postprocess)."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cryosplat.errors import InputError, StageError
+from cryosplat.io.atomic import atomic_path, write_json
+from cryosplat.io.mrc import read_map_like, read_volume, write_volume
+from cryosplat.postprocess.sharpen import PostProcessed, postprocess
+from cryosplat.report import embed_png, plot_guinier, postprocess_paragraph, write_fsc
+
+
+def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, source: str) -> dict:
+    """A post-processing folder: postprocess.mrc (sharpened, FSC-weighted, low-passed),
+    postprocess_masked.mrc, postprocess_mask.mrc, fsc.csv/png, guinier.png, summary.json and
+    report.html. ``source`` says where the half-maps came from. Returns the summary."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    maps = {"postprocess": result.map, "postprocess_masked": result.masked_map,
+            "postprocess_mask": result.mask}
+    for name, vol in maps.items():
+        if not bool(np.isfinite(vol.numpy()).all()):
+            raise StageError("postprocess", f"NaN/Inf in {name}")
+    for name, vol in maps.items():
+        write_volume(out / f"{name}.mrc", vol, voxel_size_A)
+    box = result.map.shape[-1]
+    write_fsc(out / "fsc.csv", out / "fsc.png", result.curves, box, voxel_size_A,
+              f"post-processing of {source}")
+    plot_guinier(out / "guinier.png", result)
+    summary = {**result.summary(), "half_maps": source, "box_size": box,
+               "pixel_size_A": voxel_size_A, "maps": {k: str(out / f"{k}.mrc") for k in maps}}
+    write_json(out / "summary.json", summary)
+
+    def img(name: str) -> str:
+        return embed_png(out / name)
+
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cryosplat postprocess</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} img{{max-width:100%}}</style>
+</head><body><h1>cryosplat postprocess</h1><p>{html.escape(source)}</p>
+{postprocess_paragraph(summary)}<h2>FSC</h2>{img('fsc.png')}
+<h2>Guinier plot</h2>{img('guinier.png')}</body></html>"""
+    with atomic_path(out / "report.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return summary
+
+
+def postprocess_half_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor,
+                          voxel_size_A: float, mask: torch.Tensor | None, out: Path, source: str,
+                          log: Callable[[str], None]) -> dict:
+    """A run's own half-maps post-processed into the folder ``out`` with RELION's defaults
+    (auto-mask unless ``mask``, B-factor fitted from 10 Å). Returns the summary, or
+    ``{"error": why}`` when the maps cannot be post-processed (e.g. fewer than 3 shells finer
+    than 10 Å for the Guinier fit): the run's other outputs stand, and its log, summary and
+    terminal say why."""
+    try:
+        result = postprocess(half_map_1, half_map_2, voxel_size_A, mask)
+    except ValueError as e:
+        log(f"post-processing not done: {e}")
+        return {"error": str(e)}
+    summary = write_postprocess(out, result, voxel_size_A, source)
+    log(f"post-processed: {summary['resolution_A']:.2f} Å, B-factor {summary['bfactor_A2']:.0f} "
+        f"Å² ({out})")
+    return summary
+
+
+def postprocess_files(half_map_1: Path, half_map_2: Path, mask: Path | None = None,
+                      bfactor_A2: float | None = None, fit_low_A: float = 10.0
+                      ) -> tuple[PostProcessed, float]:
+    """``cryosplat postprocess``: read and check the two half-maps (and ``mask``) and
+    post-process them, writing nothing (so bad input leaves no folder behind). Returns the
+    result and the voxel size (Å); :func:`write_postprocess` writes it."""
+    a, pix = read_volume(half_map_1)
+    if a.ndim != 3 or len(set(a.shape)) != 1:
+        raise InputError(half_map_1, f"expected a cubic map; it is {a.shape}")
+    d = a.shape[0]
+    b = read_map_like(half_map_2, d, pix, "half-map 2")
+    m = None if mask is None else read_map_like(mask, d, pix, "mask")
+    try:
+        return postprocess(torch.from_numpy(a), b, pix, m, bfactor_A2, fit_low_A), pix
+    except ValueError as e:
+        raise InputError(half_map_1, str(e)) from e
