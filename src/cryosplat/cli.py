@@ -139,7 +139,8 @@ def backproject(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
     prepare_out_dir(out, force)
     s, _ = run_backprojection(p, out, assign_half_sets(p, seed), truth, mask, progress_bar)
     print_resolutions(s["resolutions_A"])
-    console.print(f"outputs in {out}: map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png")
+    console.print(f"outputs in {out}: map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png, "
+                  "map_views.png; report: report.html")
 
 
 @app.command()

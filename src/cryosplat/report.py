@@ -224,6 +224,24 @@ def embed_png(f: Path) -> str:
     return f'<img src="data:image/png;base64,{data}" alt="{f.name}">'
 
 
+def write_page(out_dir, title: str, body: str) -> Path:
+    """report.html in ``out_dir``: ``title`` and the HTML ``body`` (figures embedded with
+    :func:`embed_png`, so the file can be mailed or moved alone)."""
+    path = Path(out_dir) / "report.html"
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}
+img{{max-width:100%}}</style></head><body><h1>{html.escape(title)}</h1>{body}</body></html>"""
+    with atomic_path(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+    return path
+
+
+def map_section(out: Path, what: str) -> str:
+    """The report's pictures of the map (map_views.png, :mod:`cryosplat.mapviews`)."""
+    return (f"<h2>Map</h2><p>{html.escape(what)}: central slices and projections along z, y "
+            f"and x, and an isosurface.</p>{embed_png(out / 'map_views.png')}")
+
+
 def _refinement_section(summary: dict, img) -> str:
     r = summary.get("refinement")
     if not r:
@@ -279,7 +297,8 @@ img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 {''.join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>" for i, w in enumerate(summary.get('stopped', []), 1))}
 <h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
-{_refinement_section(summary, img)}<h2>FSC</h2>{img('fsc.png')}
+{_refinement_section(summary, img)}{map_section(out, "map.mrc, with half-set 1's Gaussian centres over the projection along z")}
+<h2>FSC</h2>{img('fsc.png')}
 {_postprocess_section(summary, img)}
 <h2>Training</h2>{img('loss.png')}
 <h2>Particles and renders</h2>{img('montage.png')}

@@ -31,8 +31,9 @@ from cryosplat.io.mrc import read_map_like
 from cryosplat.io.atomic import atomic_path, write_json
 from cryosplat.io.gaussians import write_pdb, write_ply
 from cryosplat.postprocess import postprocess_half_maps
-from cryosplat.report import (describe_cross_validated, plot_montage, plot_training,
-                              write_evaluation, write_report)
+from cryosplat.mapviews import plot_map_views
+from cryosplat.report import (describe_cross_validated, embed_png, map_section, plot_montage,
+                              plot_training, write_evaluation, write_page, write_report)
 from cryosplat.train import (TrainConfig, barrier, check_batch_size, load_checkpoint,
                              rank_and_world, resolve_device, total_steps, train_gold_standard)
 from cryosplat.train.volume import fit_gold_standard_volume, make_fits, split_held_out
@@ -142,9 +143,14 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
     e = evaluate_maps(result.half_map_1, result.half_map_2, pix, _optional_map(truth, p, "ground truth"),
                       mask=_optional_map(mask, p, "mask"), full_map=result.map)
     write_evaluation(out, e, p.box_size, pix, "direct Fourier inversion")
+    plot_map_views(out / "map_views.png", result.map.numpy(), pix, title="map.mrc")
     summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
                **e.headline(), "resolutions_A": e.resolutions_A}
     write_json(out / "summary.json", summary)
+    write_page(out, "cryosplat backproject", f"<p>{len(p)} particles, direct Fourier "
+               f"inversion; half-maps {e.headline()['half_map_resolution_A']:.2f} Å at 0.143 "
+               f"(unmasked).</p>{map_section(out, 'map.mrc')}<h2>FSC</h2>"
+               f"{embed_png(out / 'fsc.png')}")
     return summary, result
 
 
@@ -229,6 +235,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
     _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
                 f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
+    plot_map_views(out / "map_views.png", ((v1 + v2) / 2).numpy(), pix,
+                   trainers[0].model.means_A.detach().cpu().numpy(), "map.mrc")
     for i, t in enumerate(trainers, 1):
         model = t.model.cpu()
         write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)

@@ -1,6 +1,6 @@
 """One post-processing folder: :func:`~cryosplat.postprocess.sharpen.postprocess` of two
 half-maps, written as postprocess.mrc, postprocess_masked.mrc, postprocess_mask.mrc,
-fsc.csv/png, guinier.png, summary.json and report.html. ``cryosplat postprocess`` makes one
+fsc.csv/png, guinier.png, map_views.png, summary.json and report.html. ``cryosplat postprocess`` makes one
 from two MRC files (:func:`postprocess_files`, then :func:`write_postprocess`); ``reconstruct`` from its own half-maps
 (:func:`postprocess_half_maps`, into DIR/postprocess)."""
 
@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from cryosplat.errors import InputError, StageError
-from cryosplat.io.atomic import atomic_path, write_json
+from cryosplat.io.atomic import write_json
 from cryosplat.io.mrc import read_map_like, read_volume, write_volume
 from cryosplat.postprocess.sharpen import PostProcessed, postprocess
-from cryosplat.report import embed_png, plot_guinier, postprocess_paragraph, write_fsc
+from cryosplat.mapviews import plot_map_views
+from cryosplat.report import (embed_png, map_section, plot_guinier, postprocess_paragraph,
+                              write_fsc, write_page)
 
 
 def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, source: str) -> dict:
@@ -41,16 +43,12 @@ def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, sourc
                "pixel_size_A": voxel_size_A, "maps": {k: str(out / f"{k}.mrc") for k in maps}}
     write_json(out / "summary.json", summary)
 
-    def img(name: str) -> str:
-        return embed_png(out / name)
-
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cryosplat postprocess</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} img{{max-width:100%}}</style>
-</head><body><h1>cryosplat postprocess</h1><p>{html.escape(source)}</p>
-{postprocess_paragraph(summary)}<h2>FSC</h2>{img('fsc.png')}
-<h2>Guinier plot</h2>{img('guinier.png')}</body></html>"""
-    with atomic_path(out / "report.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
+    plot_map_views(out / "map_views.png", result.masked_map.numpy(), voxel_size_A,
+                   title="postprocess_masked.mrc")
+    write_page(out, "cryosplat postprocess", f"<p>{html.escape(source)}</p>"
+               f"{postprocess_paragraph(summary)}{map_section(out, 'postprocess_masked.mrc')}"
+               f"<h2>FSC</h2>{embed_png(out / 'fsc.png')}<h2>Guinier plot</h2>"
+               f"{embed_png(out / 'guinier.png')}")
     return summary
 
 
