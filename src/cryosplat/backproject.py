@@ -140,13 +140,48 @@ def hermitian_x0(volume: torch.Tensor) -> torch.Tensor:
     return volume
 
 
+def symmetrise(ins: Insertion, symmetry: torch.Tensor | None, slab: int = 16) -> Insertion:
+    """The sums a map with the point group ``symmetry`` `(G, 3, 3)` gathers, in place:
+    ``sum_S A(S k)`` for both accumulators ``A`` (as RELION's backprojector symmetrises its
+    data and weights). ``A(S k)`` is read by trilinear interpolation of the padded grid, at
+    the Friedel mate ``-S k``, conjugated, where ``S k`` has ``x < 0``. A map ``V`` then
+    satisfies ``V(S r) = V(r)``, r = (x, y, z) (:mod:`cryosplat.symmetry`). ``slab`` z-planes
+    are resampled at a time. Returns ``ins``; nothing happens for None or one matrix."""
+    if symmetry is None or len(symmetry) == 1:
+        return ins
+    p, w = ins.padded_size, ins.padded_size // 2 + 1
+    dev = ins.denominator.device
+    src = torch.stack([ins.numerator.real, ins.numerator.imag, ins.denominator.float()])[None]
+    out = torch.zeros((3, p, p, w), device=dev)
+    k = torch.arange(p, device=dev, dtype=torch.float32) - p // 2
+    kx = torch.arange(w, device=dev, dtype=torch.float32)
+    scale = torch.tensor([2 / (w - 1), 2 / (p - 1), 2 / (p - 1)], device=dev)
+    centre = torch.tensor([0.0, p // 2, p // 2], device=dev)
+    for z0 in range(0, p, slab):
+        zz, yy, xx = torch.meshgrid(k[z0:z0 + slab], k, kx, indexing="ij")
+        q = torch.stack([xx, yy, zz], -1)  # (slab, P, W, 3) xyz frequencies, padded units
+        for s_ in symmetry.to(dev, torch.float32):
+            r = q @ s_.T
+            flip = r[..., 0] < 0
+            r = torch.where(flip[..., None], -r, r)
+            grid = (r + centre) * scale - 1  # grid_sample's (x, y, z) in [-1, 1]
+            v = F.grid_sample(src, grid[None], mode="bilinear", padding_mode="zeros",
+                              align_corners=True)[0]
+            v[1] = torch.where(flip, -v[1], v[1])
+            out[:, z0:z0 + slab] += v
+    ins.numerator.copy_(torch.complex(out[0], out[1]))
+    ins.denominator.copy_(out[2])
+    return ins
+
+
 def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int = 2,
                      batch_size: int = 64, device: str | torch.device = "cpu",
-                     progress=None) -> Insertion:
+                     progress=None, symmetry: torch.Tensor | None = None) -> Insertion:
     """Insert particles ``indices`` (poses, shifts, CTF from ``particles``): each `(D, D)`
     image is transformed, shifted back by ``+origin``, multiplied by its CTF and inserted
     (:func:`insert_slices`) with its CTF² into a ``pad_factor`` x padded grid, up to the
-    box's Nyquist (RELION's ``r_max``), not the 2D corners beyond it."""
+    box's Nyquist (RELION's ``r_max``), not the 2D corners beyond it; then symmetrised by
+    ``symmetry`` (:func:`symmetrise`), when given."""
     d = particles.box_size
     p = pad_factor * d
     num, den = accumulators(p, device)
@@ -166,7 +201,8 @@ def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int 
         insert_slices(num, den, c * f, c * c, m, points, p)
         if progress is not None:
             progress(len(idx))
-    return Insertion(hermitian_x0(grid_view(num, p)), hermitian_x0(grid_view(den, p)), d, p)
+    return symmetrise(Insertion(hermitian_x0(grid_view(num, p)),
+                                hermitian_x0(grid_view(den, p)), d, p), symmetry)
 
 
 def corner_mask(box_size: int, device=None) -> torch.Tensor:
@@ -277,9 +313,11 @@ def direct_maps(half1: Insertion, half2: Insertion) -> Backprojection:
 
 
 def backproject(particles: Particles, half_set: np.ndarray, batch_size: int = 64,
-                device: str | torch.device = "cpu", progress=None) -> Backprojection:
-    """Direct Fourier inversion of the two half-sets separately and together."""
+                device: str | torch.device = "cpu", progress=None,
+                symmetry: torch.Tensor | None = None) -> Backprojection:
+    """Direct Fourier inversion of the two half-sets separately and together, each
+    symmetrised by ``symmetry`` `(G, 3, 3)` when given."""
     i1, i2 = np.nonzero(half_set == 1)[0], np.nonzero(half_set == 2)[0]
-    h1 = insert_particles(particles, i1, batch_size=batch_size, device=device, progress=progress)
-    h2 = insert_particles(particles, i2, batch_size=batch_size, device=device, progress=progress)
+    h1, h2 = (insert_particles(particles, i, batch_size=batch_size, device=device,
+                               progress=progress, symmetry=symmetry) for i in (i1, i2))
     return direct_maps(h1, h2)

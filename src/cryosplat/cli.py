@@ -21,13 +21,14 @@ from cryosplat.demo import run_demo
 from cryosplat.report import write_fsc
 from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
                               run_refinement)
-from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, TruthOpt,
+from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, SymOpt, TruthOpt,
                                join_processes, new_or_resumed, particle_options)
 from cryosplat.io.mrc import read_map_like
 from cryosplat.postprocess import postprocess_files, write_postprocess
 from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir,
                            run_backprojection, run_reconstruction, start_reconstruction)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.symmetry import symmetry_matrices
 from cryosplat.terminal import (console, print_checks, print_demo, print_info,
                                 print_postprocess, print_reconstruction, print_resolutions,
                                 progress_bar, run_app)
@@ -132,12 +133,14 @@ def backproject(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
                 truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
                 seed: int = typer.Option(0, "--seed", help="Seed of the half-set split, if the "
                                                            "file has none"),
-                force: bool = ForceOpt):
+                sym: str = SymOpt, force: bool = ForceOpt):
     """Direct Fourier inversion with known poses and CTF: map, half-maps, FSC."""
+    symmetry_matrices(sym)  # refuses an unknown group before anything is read
     p = source.read()
     p.require_poses(), p.require_ctf(), p.check_images()
     prepare_out_dir(out, force)
-    s, _ = run_backprojection(p, out, assign_half_sets(p, seed), truth, mask, progress_bar)
+    s, _ = run_backprojection(p, out, assign_half_sets(p, seed), truth, mask, progress_bar,
+                              symmetry=sym.upper())
     print_resolutions(s["resolutions_A"])
     console.print(f"outputs in {out}: map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png, "
                   "map_views.png; report: report.html")
@@ -241,6 +244,7 @@ def reconstruct(
     validate: bool = typer.Option(RunConfig.validate, "--validate/--no-validate", help="Also "
                                   "reconstruct each half-set directly, to cross-validate the "
                                   "resolution (about as long as a few epochs on a CPU)"),
+    sym: str = SymOpt,
     post: bool = typer.Option(RunConfig.postprocess, "--postprocess/--no-postprocess",
                               help="Sharpen the half-maps into DIR/postprocess (as RELION)"),
     truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
@@ -257,7 +261,7 @@ def reconstruct(
             holdout_fraction=holdout, n_gaussians=gaussians, batch_size=batch, epochs=epochs,
             lr_means_px=lr, loss=loss, densify=densify, max_gaussians=max_gaussians,
             support_radius_A=particle_diameter / 2, checkpoint_every=checkpoint_every,
-            seed=seed, loader_workers=workers)))
+            seed=seed, loader_workers=workers, symmetry=sym.upper())))
     p, half = start_reconstruction(config, out, force, new=state is None)
     s = run_reconstruction(p, half, out, config, state, progress=progress_bar)
     if lead:

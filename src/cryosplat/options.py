@@ -25,6 +25,8 @@ TruthOpt = typer.Option(None, "--truth", help="Ground-truth map (simulations): a
 NprocOpt = typer.Option(1, "--nproc", help="Processes on this machine (launched with torchrun; "
                         "gloo on CPU, NCCL on GPUs). For several machines run torchrun "
                         "yourself: see README")
+SymOpt = typer.Option("C1", "--sym", help="Point group, RELION's symbols and axes: C1, Cn, "
+                      "Dn, T, O, I (I1-I4); the Gaussians fit one asymmetric unit")
 MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
                                             "corrected FSC, instead of the soft auto-mask")
 

@@ -32,6 +32,7 @@ from cryosplat.io.atomic import atomic_path, write_json
 from cryosplat.io.gaussians import write_pdb, write_ply
 from cryosplat.postprocess import postprocess_half_maps
 from cryosplat.mapviews import plot_map_views
+from cryosplat.symmetry import symmetry_or_none
 from cryosplat.report import (describe_cross_validated, embed_png, map_section, plot_montage,
                               plot_training, write_evaluation, write_page, write_report)
 from cryosplat.train import (TrainConfig, barrier, check_batch_size, load_checkpoint,
@@ -126,18 +127,20 @@ def _write_maps(out: Path, maps: dict[str, torch.Tensor], voxel_size_A: float, s
 def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, mask=None,
                        progress: ProgressFactory = no_progress,
                        label: str = "backprojecting",
-                       insertions: tuple[Insertion, Insertion] | None = None
-                       ) -> tuple[dict, Backprojection]:
+                       insertions: tuple[Insertion, Insertion] | None = None,
+                       symmetry: str = "C1") -> tuple[dict, Backprojection]:
     """Backproject ``p`` with half-sets ``half`` into out/ (maps, fsc.csv, fsc.png,
-    summary.json), or invert the half-sets' ``insertions`` when given (the first becomes
-    their sum). Returns (the summary, the :class:`Backprojection`)."""
+    map_views.png, summary.json, report.html), each half-set symmetrised by the point group
+    ``symmetry``, or invert the half-sets' ``insertions`` when given (the first becomes their
+    sum). Returns (the summary, the :class:`Backprojection`)."""
     pix = p.require_single_pixel_size()
     out.mkdir(parents=True, exist_ok=True)
     if insertions is not None:
         result = direct_maps(*insertions)
     else:
         with progress(label, len(p), 0) as advance:
-            result = backproject(p, half, progress=advance)
+            result = backproject(p, half, progress=advance,
+                                 symmetry=symmetry_or_none(symmetry))
     _write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
                       "half_map_2": result.half_map_2}, pix, "backprojection")
     e = evaluate_maps(result.half_map_1, result.half_map_2, pix, _optional_map(truth, p, "ground truth"),
@@ -145,7 +148,7 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
     write_evaluation(out, e, p.box_size, pix, "direct Fourier inversion")
     plot_map_views(out / "map_views.png", result.map.numpy(), pix, title="map.mrc")
     summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               **e.headline(), "resolutions_A": e.resolutions_A}
+               "symmetry": symmetry, **e.headline(), "resolutions_A": e.resolutions_A}
     write_json(out / "summary.json", summary)
     write_page(out, "cryosplat backproject", f"<p>{len(p)} particles, direct Fourier "
                f"inversion; half-maps {e.headline()['half_map_resolution_A']:.2f} Å at 0.143 "
@@ -156,11 +159,13 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
 
 def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask,
                           progress: ProgressFactory = no_progress,
-                          insertions: tuple[Insertion, Insertion] | None = None
+                          insertions: tuple[Insertion, Insertion] | None = None,
+                          symmetry: str = "C1"
                           ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """The half-sets' direct reconstructions in out/backprojection, made once (a resumed run
     reads them back): the unbiased references of the cross-validated FSC, and the baseline.
-    ``insertions``: the half-sets' insertions, when already made (the first is consumed)."""
+    ``insertions``: the half-sets' insertions, when already made (the first is consumed;
+    already symmetrised); else they are made with ``symmetry``."""
     folder = out / "backprojection"
     files = [folder / f"half_map_{i}.mrc" for i in (1, 2)] + [folder / "summary.json"]
     if all(f.is_file() for f in files):
@@ -168,7 +173,7 @@ def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask
         return json.loads(files[2].read_text()), refs
     summary, result = run_backprojection(p, folder, half, truth, mask, progress,
                                          label="validation: direct inversion of each half-set",
-                                         insertions=insertions)
+                                         insertions=insertions, symmetry=symmetry)
     return summary, (result.half_map_1, result.half_map_2)
 
 
@@ -233,16 +238,17 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     if not lead:
         return {}
     v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
+    sym = symmetry_or_none(cfg.symmetry)
+    whole = [t.model.expanded(None if sym is None else sym.to(dev)) for t in trainers]
     _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
                 f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
     plot_map_views(out / "map_views.png", ((v1 + v2) / 2).numpy(), pix,
-                   trainers[0].model.means_A.detach().cpu().numpy(), "map.mrc")
-    for i, t in enumerate(trainers, 1):
-        model = t.model.cpu()
-        write_ply(out / f"gaussians_half_{i}.ply", model, p.box_size, pix)
-        write_pdb(out / f"gaussians_half_{i}.pdb", model, p.box_size, pix)
-        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:
-            torch.save(model.state_dict(), tmp)
+                   whole[0].means_A.detach().cpu().numpy(), "map.mrc")
+    for i, (t, model) in enumerate(zip(trainers, whole), 1):  # .ply/.pdb: every copy
+        write_ply(out / f"gaussians_half_{i}.ply", model.cpu(), p.box_size, pix)
+        write_pdb(out / f"gaussians_half_{i}.pdb", model.cpu(), p.box_size, pix)
+        with atomic_path(out / f"gaussians_half_{i}.pt") as tmp:  # the asymmetric unit
+            torch.save(t.model.cpu().state_dict(), tmp)
         t.model.to(dev)
     e = evaluate_maps(v1, v2, pix, gt, refs, _optional_map(config.mask, p, "mask"))
     write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {len(trainers[0].model)} and "
@@ -254,7 +260,7 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     plot_training(out / "loss.png", trace, history)
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
     with torch.no_grad():
-        renders = [model_images(trainers[int(half[i]) - 1].model,
+        renders = [model_images(whole[int(half[i]) - 1].to(dev),
                                 p.rotations[i:i + 1].float().to(dev),
                                 p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
                                 p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu()
@@ -265,7 +271,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
                "train_time_s": history[-1]["time_s"],
                "wall_time_s": time.perf_counter() - t_start, **e.headline(),
                "resolutions_A": e.resolutions_A, "history": history,
-               "gaussians": [len(t.model) for t in trainers], "objective": cfg.objective}
+               "gaussians": [len(t.model) for t in trainers], "objective": cfg.objective,
+               "symmetry": cfg.symmetry}
     if cfg.objective == "volume":
         summary["stopped"] = [t.stop_reason for t in trainers]
     if baseline is not None:
@@ -323,14 +330,15 @@ def _fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
     maps. Returns (fits, history, trace, validation references or None, baseline)."""
     cfg = config.train
     pix = p.require_single_pixel_size()
+    sym = symmetry_or_none(cfg.symmetry, dev)
     sets = [split_held_out(np.nonzero(half == h)[0], cfg.holdout_fraction, cfg.seed, h)
             for h in (1, 2)]
     ins: list[tuple[Insertion, Insertion | None]] = []
     with progress("inserting each half-set's particles", len(p), 0) as advance:
         try:
             for train, held in sets:
-                ins.append((insert_particles(p, train, device=dev, progress=advance),
-                            insert_particles(p, held, device=dev, progress=advance)
+                ins.append((insert_particles(p, train, device=dev, progress=advance, symmetry=sym),
+                            insert_particles(p, held, device=dev, progress=advance, symmetry=sym)
                             if len(held) else None))
         except BaseException as e:
             log(f"stopped while inserting the particles: {type(e).__name__}: {e}")
@@ -347,7 +355,7 @@ def _fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
                                        t.denominator + (0 if o is None else o.denominator),
                                        t.box_size, t.padded_size) for t, o in ins)
             baseline = validation_references(p, out, half, config.truth, config.mask,
-                                             progress, insertions=full)
+                                             progress, insertions=full, symmetry=cfg.symmetry)
         refs = baseline[1]
         log(f"validation maps (direct inversion of each half-set): half-maps "
             f"{baseline[0]['half_map_resolution_A']:.2f} Å")

@@ -40,6 +40,36 @@ def builtin_structure() -> Path:
     return Path(str(resources.files("cryosplat") / "data" / "adk_open.pdb"))
 
 
+def symmetric_assembly(path: str | Path, out_path: str | Path, symmetry: torch.Tensor,
+                       offset_A: tuple[float, float, float]) -> Path:
+    """Write a PDB of ``len(symmetry)`` copies of the model at ``path``: its atoms centred on
+    their mean, moved by ``offset_A`` (x, y, z) and rotated by each matrix ``S`` of
+    ``symmetry`` `(G, 3, 3)` (:func:`cryosplat.symmetry.symmetry_matrices`): a test object
+    with that point group about the origin (for a generic offset, the copies do not meet)."""
+    st = gemmi.read_structure(str(path))
+    st.remove_empty_chains()
+    st.setup_entities()
+    xyz = np.array([[a.pos.x, a.pos.y, a.pos.z] for cra in st[0].all() for a in [cra.atom]])
+    shift = np.asarray(offset_A, dtype=np.float64) - xyz.mean(axis=0)
+    out = gemmi.Structure()
+    out.cell = st.cell
+    model = gemmi.Model(1)
+    names = iter("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789" * 2)
+    for m in symmetry.double().numpy():
+        for chain in st[0]:
+            c = gemmi.Chain(next(names))
+            for res in chain:
+                r = res.clone()
+                for a in r:
+                    p = m @ (np.array([a.pos.x, a.pos.y, a.pos.z]) + shift)
+                    a.pos = gemmi.Position(*p)
+                c.add_residue(r)
+            model.add_chain(c)
+    out.add_model(model)
+    out.write_pdb(str(out_path))
+    return Path(out_path)
+
+
 def atomic_potential_gaussians(path: str | Path, extra_bfactor_A2: float = 0.0
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
     """An atomic model's potential as an isotropic Gaussian mixture, centred on the model.

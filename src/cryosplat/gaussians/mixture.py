@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from cryosplat.gaussians.render import render_rfft
 from cryosplat.gaussians.voxelise import voxelise
-from cryosplat.geometry import quaternion_to_matrix
+from cryosplat.geometry import matrix_to_quaternion, quaternion_to_matrix
 
 
 class GaussianMixture(torch.nn.Module):
@@ -100,10 +100,41 @@ class GaussianMixture(torch.nn.Module):
         return render_rfft(self.means_A, self.covariances(), self.amplitudes, rotations,
                            box_size, pixel_size_A, **kwargs)
 
-    def voxelise(self, box_size: int, voxel_size_A: float, **kwargs) -> torch.Tensor:
-        """The mixture sampled on a `(D, D, D)` grid ([z, y, x], density per Å³)."""
-        return voxelise(self.means_A, self.covariances(), self.amplitudes, box_size,
-                        voxel_size_A, **kwargs)
+    def voxelise(self, box_size: int, voxel_size_A: float,
+                 symmetry: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The mixture sampled on a `(D, D, D)` grid ([z, y, x], density per Å³). With
+        ``symmetry`` `(G, 3, 3)` (:func:`cryosplat.symmetry.symmetry_matrices`), the mixture is
+        one asymmetric unit and its G copies are sampled (:func:`symmetry_copies`)."""
+        means, cov, amp = symmetry_copies(self.means_A, self.covariances(), self.amplitudes,
+                                          symmetry)
+        return voxelise(means, cov, amp, box_size, voxel_size_A, **kwargs)
+
+    def expanded(self, symmetry: torch.Tensor | None) -> "GaussianMixture":
+        """A new mixture (no gradient) of the G symmetry copies of this one: what the
+        reconstruction holds, for exports and pictures; this one without ``symmetry``."""
+        if symmetry is None or len(symmetry) == 1:
+            return self
+        with torch.no_grad():
+            means, _, amp = symmetry_copies(self.means_A, self.covariances(), self.amplitudes,
+                                            symmetry)
+            s = symmetry.to(self.quaternions)
+            rot = s[:, None] @ quaternion_to_matrix(self.quaternions)[None]  # (G, M, 3, 3)
+            q = matrix_to_quaternion(rot.reshape(-1, 3, 3))
+            return GaussianMixture(means, self.scales_A.repeat(len(s), 1), q, amp)
+
+
+def symmetry_copies(means_A: torch.Tensor, covariances_A2: torch.Tensor,
+                    amplitudes: torch.Tensor, symmetry: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every Gaussian copied by each matrix ``S`` of ``symmetry`` `(G, 3, 3)`: means ``S mu``,
+    covariances ``S Sigma S^T``, the same amplitudes; `(G M, ...)`, copy-major. The sum of
+    the copies satisfies ``V(S r) = V(r)`` for every ``S``. Without ``symmetry``, the input."""
+    if symmetry is None or len(symmetry) == 1:
+        return means_A, covariances_A2, amplitudes
+    s = symmetry.to(means_A)
+    means = torch.einsum("gij,mj->gmi", s, means_A).reshape(-1, 3)
+    cov = (s[:, None] @ covariances_A2[None] @ s.transpose(-1, -2)[:, None]).reshape(-1, 3, 3)
+    return means, cov, amplitudes.repeat(len(s))
 
 
 def softplus_inverse(x: torch.Tensor) -> torch.Tensor:

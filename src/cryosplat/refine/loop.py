@@ -29,6 +29,7 @@ from cryosplat.io import Particles
 from cryosplat.io.atomic import atomic_path
 from cryosplat.refine.search import (Pose, SearchConfig, alignment_limit, alignment_points,
                                      as_sampled, refine_batch)
+from cryosplat.symmetry import symmetry_or_none
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.distributed import (all_reduce_sum, barrier, broadcast_object,
                                          rank_and_world)
@@ -168,10 +169,10 @@ def fit_halves(p: Particles, half: np.ndarray, halves: tuple[int, ...], train: T
     """The mixtures of half-sets ``halves`` fitted each to its own particles at the poses of
     ``p``: seeded in its own support (``models`` None) or continued from ``models`` (both
     half-sets'). ``advance(1)`` after each step."""
-    ins = []
+    ins, sym = [], symmetry_or_none(train.symmetry, device)
     for h in halves:
         tr, held = split_held_out(np.nonzero(half == h)[0], train.holdout_fraction, train.seed, h)
-        ins.append((insert_particles(p, tr, device=device), insert_particles(p, held, device=device)))
+        ins.append(tuple(insert_particles(p, i, device=device, symmetry=sym) for i in (tr, held)))
     if models is None:
         fits = make_fits(ins, train, pix, device, out=None, log=log, halves=halves)
     else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from cryosplat.errors import InputError
+from cryosplat.symmetry import symmetry_matrices
 
 
 @dataclass
@@ -55,6 +56,8 @@ class TrainConfig:
     eval_every: int = 50  # steps between FSC evaluations (and log lines)
     checkpoint_every: int = 50  # steps between checkpoints
     seed: int = 0  # initialisation, batch order and (when the file has none) half-set split
+    symmetry: str = "C1"  # RELION's point group (cryosplat/symmetry.py); objective="volume"
+    # fits one asymmetric unit and its copies
     loader_workers: int = 1  # DataLoader processes reading ahead (0: read on demand)
 
     def __post_init__(self) -> None:
@@ -64,6 +67,10 @@ class TrainConfig:
                                        ("--loss", self.loss, ("real", "fourier"))):
             if value not in allowed:
                 raise InputError(None, f"{option} {value}: expected {' or '.join(allowed)}")
+        order = len(symmetry_matrices(self.symmetry))  # refuses an unknown group
+        if order > 1 and self.objective != "volume":
+            raise InputError(None, f"--sym {self.symmetry}: symmetry is for --objective volume "
+                                   "(the default); --objective images has none yet")
         if not self.support_radius_A >= 0:
             raise InputError(None, f"--particle-diameter {2 * self.support_radius_A:g}: expected "
                                    "a diameter in Å, or 0 for no limit")

@@ -35,6 +35,7 @@ from cryosplat.errors import StageError
 from cryosplat.evaluate import evaluate_maps, spherical_mask
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.io.mrc import write_volume
+from cryosplat.symmetry import symmetry_matrices, symmetry_or_none
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS
 from cryosplat.train.loop import save_checkpoint
@@ -121,6 +122,7 @@ class HalfSetVolumeFit:
                  cfg: TrainConfig, half: int, voxel_size_A: float, device: torch.device):
         self.cfg, self.half, self.pix, self.device = cfg, half, voxel_size_A, device
         self.d = train.box_size
+        self.symmetry = symmetry_or_none(cfg.symmetry, device)  # the model: one asymmetric unit
         self.model = model.to(device)
         self.objective = AccumulatedObjective(train)
         self.held_out = None if held_out is None else AccumulatedObjective(held_out)
@@ -145,7 +147,8 @@ class HalfSetVolumeFit:
         return self.stop_reason is not None
 
     def _voxelise(self) -> torch.Tensor:
-        return self.model.voxelise(self.d, self.pix, n_sigma=self.cfg.volume_n_sigma)
+        return self.model.voxelise(self.d, self.pix, self.symmetry,
+                                   n_sigma=self.cfg.volume_n_sigma)
 
     def train_step(self) -> tuple[float, float]:
         """One Adam step on the whole training insertion, then the stopping rule. Returns
@@ -239,10 +242,12 @@ def split_held_out(indices: np.ndarray, fraction: float, seed: int, half: int
 
 @torch.no_grad()
 def calibrate_amplitudes(model: GaussianMixture, objective: AccumulatedObjective,
-                         voxel_size_A: float, n_sigma: float) -> float:
+                         voxel_size_A: float, n_sigma: float,
+                         symmetry: torch.Tensor | None = None) -> float:
     """Scale the amplitudes to the least-squares optimum of ``objective`` (a random start's
     amplitudes are in no unit of the data). Returns the factor."""
-    t = objective.transform(model.voxelise(objective.box_size, voxel_size_A, n_sigma=n_sigma))
+    t = objective.transform(model.voxelise(objective.box_size, voxel_size_A, symmetry,
+                                           n_sigma=n_sigma))
     power, cross = (float(x.sum()) for x in objective.terms(t))
     scale = cross / max(power, 1e-30)
     if not scale > 0:
@@ -274,9 +279,11 @@ def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainCo
             if cfg.support_radius_A > 0:
                 sphere = spherical_mask(box, pix, cfg.support_radius_A, soft_edge_A=0.0)
                 support.mask &= sphere.to(support.mask.device) > 0
-            model = seed_mixture(support, pix, cfg.gaussians_per_voxel, cfg.seed_scale_px,
-                                 cfg.max_seed_gaussians,
+            order = len(symmetry_matrices(cfg.symmetry))  # seeds of one asymmetric unit
+            model = seed_mixture(support, pix, cfg.gaussians_per_voxel / order,
+                                 cfg.seed_scale_px, max(1, cfg.max_seed_gaussians // order),
                                  torch.Generator().manual_seed(cfg.seed * 1000 + h), label)
+            model.scale_amplitudes(1 / order)  # the G copies hold the own map's mass
             if out is not None:
                 write_volume(out / f"support_half_{h}.mrc", support.mask.float().cpu(), pix)
             log(f"{label}: own support {support.volume_A3(pix):.0f} Å³ (low-passed own map "
@@ -288,7 +295,7 @@ def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainCo
         if resume is not None:
             fit.load_state_dict(resume["halves"][h - 1])
         elif cfg.init == "random":
-            calibrate_amplitudes(fit.model, fit.objective, pix, cfg.volume_n_sigma)
+            calibrate_amplitudes(fit.model, fit.objective, pix, cfg.volume_n_sigma, fit.symmetry)
         fits.append(fit)
     return fits
 
