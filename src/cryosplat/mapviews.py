@@ -96,8 +96,12 @@ def plot_map_views(path, volume: np.ndarray, voxel_size_A: float,
         ax.tick_params(labelsize=7)
         if name == "projection z" and centres_A is not None and len(centres_A):
             c = np.asarray(centres_A, dtype=np.float64)
-            ax.scatter(c[:, 0], c[:, 1], s=1, c="tab:orange", alpha=0.5, linewidths=0,
-                       label=f"{len(c)} Gaussian centres")
+            label = f"{len(c)} Gaussian centres"
+            if len(c) > 2000:  # a sample, so the density stays visible beneath
+                c = c[np.random.default_rng(0).choice(len(c), 2000, replace=False)]
+                label = f"2000 of {label}"
+            ax.scatter(c[:, 0], c[:, 1], s=1, c="tab:orange", alpha=0.4, linewidths=0,
+                       label=label)
             ax.legend(fontsize=7, loc="upper right", markerscale=6)
     ax = fig.add_subplot(grid[:, 3:], projection="3d")
     half = v.shape[-1] / 2 * voxel_size_A

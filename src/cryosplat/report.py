@@ -292,6 +292,7 @@ img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 <h1>cryosplat reconstruction</h1>
 <p>{summary.get('particles', '?')} particles, box {summary.get('box_size')} px of
 {summary.get('pixel_size_A', 0):.3f} Å, objective {html.escape(str(summary.get('objective', 'images')))},
+symmetry {html.escape(str(summary.get('symmetry', 'C1')))},
 {' and '.join(str(n) for n in summary.get('gaussians', [])) or '?'} Gaussians at the end,
 {summary.get('steps')} steps in {summary.get('train_time_s', 0):.0f} s on {html.escape(str(summary.get('device')))}.</p>
 {''.join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>" for i, w in enumerate(summary.get('stopped', []), 1))}
