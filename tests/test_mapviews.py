@@ -13,7 +13,8 @@ import torch
 
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.mapviews import isosurface, isosurface_level, map_views, plot_map_views
-from cryosplat.postprocess import postprocess, write_postprocess
+from cryosplat.postprocess import postprocess
+from cryosplat.postprocess.run import write_postprocess
 
 BOX, PIX = 32, 2.0
 

@@ -119,3 +119,21 @@ def test_bfactor_and_resolution_match_relion_postprocess(maps, tmp_path, noise):
         assert BOX * PIX / last_shell >= ours.resolution_A  # the crossing lies beyond it
         differences.append(abs(ours.bfactor_A2 - b_relion) / max(abs(b_relion), 5.0 / 0.15))
     assert np.median(differences) <= 0.15, differences
+
+
+def test_maps_that_cannot_be_post_processed_say_why_and_leave_the_run_standing(tmp_path):
+    """Box 16 of 4 Å: Nyquist 8 Å leaves 2 shells finer than 10 Å, too few for the Guinier fit.
+    A reconstruction's post-processing then returns the reason and logs it, and the report's
+    section says it, instead of failing the run."""
+    from cryosplat.postprocess.run import postprocess_half_maps
+    from cryosplat.report import _postprocess_section
+
+    v = torch.zeros(16, 16, 16)
+    v[6:10, 6:10, 6:10] = 1.0
+    g = torch.Generator().manual_seed(0)
+    halves = [v + 0.1 * torch.randn(v.shape, generator=g) for _ in range(2)]
+    said = []
+    pp = postprocess_half_maps(*halves, 4.0, None, tmp_path / "pp", "test", said.append)
+    assert "Guinier fit" in pp["error"] and "2 shells" in pp["error"]
+    assert said and "post-processing not done" in said[0] and not (tmp_path / "pp").exists()
+    assert "Not done: the Guinier fit" in _postprocess_section({"postprocess": pp}, str)

@@ -185,9 +185,11 @@ def test_cli_volume_run_writes_its_outputs_says_why_it_stopped_and_resumes(tmp_p
                for w in s["stopped"])
     log = (rec / "log.txt").read_text()
     assert "own support" in log and "held out" in log
-    # box 24 of 4 Å: Nyquist 8 Å leaves too few shells finer than 10 Å for the B-factor fit,
-    # so post-processing says why it was not done, and the run's outputs stand
-    assert "Guinier fit" in s["postprocess"]["error"] and "post-processing not done" in r.stdout
+    # post-processed by default: shells 10-12 (9.6 to 8 Å) carry the B-factor fit
+    assert s["postprocess"]["bfactor_A2"] == s["postprocess"]["bfactor_A2"]  # a number
+    assert (rec / "postprocess" / "postprocess.mrc").stat().st_size > 0
+    assert "post-processed" in r.stdout and "<h2>Post-processing</h2>" in (
+        rec / "report.html").read_text()
     before = mrcfile.read(rec / "map.mrc").copy()
     r = run("reconstruct", "--resume", rec)
     assert r.returncode == 0, r.stderr

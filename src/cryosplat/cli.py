@@ -24,7 +24,7 @@ from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_
 from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, SymOpt, TruthOpt,
                                join_processes, new_or_resumed, particle_options)
 from cryosplat.io.mrc import read_map_like
-from cryosplat.postprocess import postprocess_files, write_postprocess
+from cryosplat.postprocess.run import postprocess_files, write_postprocess
 from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir,
                            run_backprojection, run_reconstruction, start_reconstruction)
 from cryosplat.simulate import SimulationConfig, simulate_dataset

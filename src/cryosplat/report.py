@@ -266,6 +266,8 @@ def _postprocess_section(summary: dict, img) -> str:
     pp = summary.get("postprocess")
     if not pp:
         return ""
+    if "error" in pp:
+        return f"<h2>Post-processing</h2><p>Not done: {html.escape(pp['error'])}</p>"
     return (f"<h2>Post-processing</h2>{postprocess_paragraph(pp)}<p>In postprocess/: the "
             f"sharpened maps, their FSC and the Guinier plot.</p>{img('postprocess/guinier.png')}")
 

@@ -30,7 +30,7 @@ from cryosplat.io import (Particles, assign_half_sets, read_particles, read_volu
 from cryosplat.io.mrc import read_map_like
 from cryosplat.io.atomic import atomic_path, write_json
 from cryosplat.io.gaussians import write_pdb, write_ply
-from cryosplat.postprocess import postprocess_half_maps
+from cryosplat.postprocess.run import postprocess_half_maps
 from cryosplat.mapviews import plot_map_views
 from cryosplat.symmetry import symmetry_or_none
 from cryosplat.report import (describe_cross_validated, embed_png, map_section, plot_montage,
