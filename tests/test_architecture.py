@@ -10,7 +10,6 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "cryosplat"
 DOC = Path(__file__).resolve().parents[1] / "docs" / "architecture.md"
 # Imports allowed inside functions, each for a measured reason.
 LATE_IMPORTS = {("report", "matplotlib"), ("report", "matplotlib.pyplot"),  # 0.4 s start-up
-                ("mapviews", "matplotlib"), ("mapviews", "matplotlib.pyplot"),
                 ("mapviews", "mpl_toolkits.mplot3d.art3d"),
                 ("mapviews", "mpl_toolkits.mplot3d.art3d.Poly3DCollection")}
 

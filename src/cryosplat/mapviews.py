@@ -1,4 +1,4 @@
-"""Pictures of a 3D map for the reports, drawn headless (matplotlib's Agg): the central slices
+"""Pictures of a 3D map for the reports, drawn headless (report.py's matplotlib): the central slices
 and the projections along z, y and x, and an isosurface (scikit-image's marching cubes), with
 a Gaussian mixture's centres over the projection along z.
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from skimage.measure import marching_cubes
 
-from cryosplat.io.atomic import atomic_path
+from cryosplat.report import pyplot, save_figure
 
 
 @dataclass
@@ -76,10 +76,7 @@ def plot_map_views(path, volume: np.ndarray, voxel_size_A: float,
     """map_views.png: the slices and projections of :func:`map_views` and the isosurface at
     :func:`isosurface_level`, with ``centres_A`` `(M, 3)` (x, y, z in Å from the box centre,
     e.g. a mixture's means) over the projection along z. Returns the isosurface level."""
-    import matplotlib  # here, not at the top: 0.8 s that every command would pay at start-up
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()  # matplotlib on first use (report.py), then its 3D toolkit
     from mpl_toolkits.mplot3d.art3d import Poly3DCollection
 
     v = np.asarray(volume, dtype=np.float64)
@@ -129,7 +126,5 @@ def plot_map_views(path, volume: np.ndarray, voxel_size_A: float,
     ax.set_title(f"isosurface at {level:.3g}" + ("" if len(faces) else " (none)"), fontsize=9)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    save_figure(fig, path)
     return level

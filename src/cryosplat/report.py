@@ -42,7 +42,7 @@ def describe_cross_validated(summary: dict, short: bool = False) -> str:
             f"direct maps have signal)")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -51,10 +51,10 @@ def _plt():
     return plt
 
 
-def _save(fig, path) -> None:
+def save_figure(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
-    _plt().close(fig)
+    pyplot().close(fig)
 
 
 def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
@@ -66,7 +66,7 @@ def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
     in ``second_panel`` are drawn in a second plot beside the first. NaN (undefined) shells
     are left blank in the plot and written as ``nan``.
     """
-    plt = _plt()
+    plt = pyplot()
     k = shell_frequencies(box_size, voxel_size_A)
     with atomic_path(out_csv) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f, quoting=csv.QUOTE_MINIMAL)
@@ -95,7 +95,7 @@ def write_fsc(out_csv, out_png, curves: dict[str, np.ndarray], box_size: int,
     if second:
         axes[0][1].set_title("cross-validation against the half-sets' direct maps")
     fig.tight_layout()
-    _save(fig, out_png)
+    save_figure(fig, out_png)
 
 
 def write_evaluation(out_dir, evaluation: Evaluation, box_size: int, voxel_size_A: float,
@@ -114,7 +114,7 @@ def write_evaluation(out_dir, evaluation: Evaluation, box_size: int, voxel_size_
 
 def plot_training(path, trace: list[list[float]], history: list[dict]) -> None:
     """loss.png: per-step loss of both halves, and resolution (Å) against wall time."""
-    plt = _plt()
+    plt = pyplot()
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6), dpi=110)
     t = np.asarray(trace, dtype=float)
     if len(t):
@@ -140,12 +140,12 @@ def plot_training(path, trace: list[list[float]], history: list[dict]) -> None:
     b.invert_yaxis()
     b.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_montage(path, particles: np.ndarray, renders: np.ndarray) -> None:
     """montage.png: particles (top row) above the model's CTF-modulated renders (bottom)."""
-    plt = _plt()
+    plt = pyplot()
     n = len(particles)
     fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.4), dpi=110, squeeze=False)
     for i in range(n):
@@ -158,14 +158,14 @@ def plot_montage(path, particles: np.ndarray, renders: np.ndarray) -> None:
     axes[0, 0].set_ylabel("particle", fontsize=8)
     axes[1, 0].set_ylabel("render", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray,
                       history: list[dict]) -> None:
     """pose_changes.png (``cryosplat refine``): histograms of each particle's change of angle,
     origin and defocus from its input pose, per half-set, and the median change per iteration."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.4), dpi=110)
     for ax, (key, label) in zip(axes, (("angle_deg", "rotation change (°)"),
                                        ("shift_A", "origin change (Å)"),
@@ -185,13 +185,13 @@ def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray
     b.set_xlabel("iteration")
     b.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_guinier(path, result: PostProcessed) -> None:
     """guinier.png: ln mean amplitude per shell against 1/d² for the input, FSC-weighted and
     sharpened map, the fitted line over its range, and the resolution."""
-    plt = _plt()
+    plt = pyplot()
     g = result.guinier
     fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
     for name, y in g.ln_amplitude.items():
@@ -208,7 +208,7 @@ def plot_guinier(path, result: PostProcessed) -> None:
     ax.set_title(f"Guinier plot; sharpened with B = {result.bfactor_A2:.0f} Å²")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def postprocess_paragraph(pp: dict) -> str:

@@ -22,12 +22,11 @@ import torch
 
 from cryosplat.backproject import (Backprojection, Insertion, backproject, direct_maps,
                                    insert_particles)
-from cryosplat.errors import InputError, StageError
+from cryosplat.errors import InputError
 from cryosplat.evaluate import evaluate_maps
 from cryosplat.gaussians import model_images
-from cryosplat.io import (Particles, assign_half_sets, read_particles, read_volume,
-                          write_volume)
-from cryosplat.io.mrc import read_map_like
+from cryosplat.io import Particles, assign_half_sets, read_particles, read_volume
+from cryosplat.io.mrc import read_map_like, write_maps
 from cryosplat.io.atomic import atomic_path, write_json
 from cryosplat.io.gaussians import write_pdb, write_ply
 from cryosplat.postprocess.run import postprocess_half_maps
@@ -114,16 +113,6 @@ def _optional_map(path, p: Particles, what: str) -> torch.Tensor | None:
                                                    what)
 
 
-def _write_maps(out: Path, maps: dict[str, torch.Tensor], voxel_size_A: float, stage: str,
-                why: str = "") -> None:
-    """Each map as out/NAME.mrc, after checking that every one is finite."""
-    for name, vol in maps.items():
-        if not torch.isfinite(vol).all():
-            raise StageError(stage, f"NaN/Inf in {name}{why}")
-    for name, vol in maps.items():
-        write_volume(out / f"{name}.mrc", vol, voxel_size_A)
-
-
 def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, mask=None,
                        progress: ProgressFactory = no_progress,
                        label: str = "backprojecting",
@@ -141,7 +130,7 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
         with progress(label, len(p), 0) as advance:
             result = backproject(p, half, progress=advance,
                                  symmetry=symmetry_or_none(symmetry))
-    _write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
+    write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
                       "half_map_2": result.half_map_2}, pix, "backprojection")
     e = evaluate_maps(result.half_map_1, result.half_map_2, pix, _optional_map(truth, p, "ground truth"),
                       mask=_optional_map(mask, p, "mask"), full_map=result.map)
@@ -240,7 +229,7 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
     sym = symmetry_or_none(cfg.symmetry)
     whole = [t.model.expanded(None if sym is None else sym.to(dev)) for t in trainers]
-    _write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
+    write_maps(out, {"map": (v1 + v2) / 2, "half_map_1": v1, "half_map_2": v2}, pix, "output",
                 f"; the mixtures' checkpoint is {out / 'checkpoint.pt'}")
     plot_map_views(out / "map_views.png", ((v1 + v2) / 2).numpy(), pix,
                    whole[0].means_A.detach().cpu().numpy(), "map.mrc")

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch_fourier_rescale import fourier_rescale_2d
 
-from cryosplat.errors import InputError
+from cryosplat.errors import InputError, StageError
 from cryosplat.io.atomic import atomic_path
 
 # MRC modes we read: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
@@ -301,3 +301,15 @@ def read_map_like(path: str | Path, box_size: int, voxel_size_A: float,
     if what == "mask" and (vol.min() < -1e-3 or vol.max() > 1 + 1e-3):
         raise InputError(path, f"mask values span [{vol.min():g}, {vol.max():g}]; expected [0, 1]")
     return torch.from_numpy(vol)
+
+
+def write_maps(out_dir: str | Path, maps: dict[str, torch.Tensor], voxel_size_A: float,
+               stage: str, why: str = "") -> None:
+    """Each map as ``out_dir/NAME.mrc``, after checking that every one is finite (else a
+    :class:`~cryosplat.errors.StageError` of ``stage``, ending with ``why``, and nothing is
+    written)."""
+    for name, vol in maps.items():
+        if not torch.isfinite(vol).all():
+            raise StageError(stage, f"NaN/Inf in {name}{why}")
+    for name, vol in maps.items():
+        write_volume(Path(out_dir) / f"{name}.mrc", vol, voxel_size_A)

@@ -10,12 +10,11 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from cryosplat.errors import InputError, StageError
+from cryosplat.errors import InputError
 from cryosplat.io.atomic import write_json
-from cryosplat.io.mrc import read_map_like, read_volume, write_volume
+from cryosplat.io.mrc import read_map_like, read_volume, write_maps
 from cryosplat.postprocess.sharpen import PostProcessed, postprocess
 from cryosplat.mapviews import plot_map_views
 from cryosplat.report import (embed_png, map_section, plot_guinier, postprocess_paragraph,
@@ -30,11 +29,7 @@ def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, sourc
     out.mkdir(parents=True, exist_ok=True)
     maps = {"postprocess": result.map, "postprocess_masked": result.masked_map,
             "postprocess_mask": result.mask}
-    for name, vol in maps.items():
-        if not bool(np.isfinite(vol.numpy()).all()):
-            raise StageError("postprocess", f"NaN/Inf in {name}")
-    for name, vol in maps.items():
-        write_volume(out / f"{name}.mrc", vol, voxel_size_A)
+    write_maps(out, maps, voxel_size_A, "postprocess")
     box = result.map.shape[-1]
     write_fsc(out / "fsc.csv", out / "fsc.png", result.curves, box, voxel_size_A,
               f"post-processing of {source}")
