@@ -20,6 +20,7 @@ Each group is the closure of its generators (:func:`close`), identity first.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 
@@ -86,22 +87,23 @@ def _generators(symbol: str) -> list[torch.Tensor]:
 
 def symmetry_matrices(symbol: str) -> torch.Tensor:
     """The matrices `(G, 3, 3)` (float64, identity first) of RELION's point group ``symbol``:
-    ``C1``, ``Cn``, ``Dn`` (n >= 2), ``T``, ``O``, ``I``, ``I1`` to ``I4``; case-insensitive."""
-    s = symbol.strip().upper()
-    m = re.fullmatch(r"([CD])(\d+)", s)
-    n = int(m.group(2)) if m else 0
+    ``C1``, ``Cn``, ``Dn`` (n >= 2), ``T``, ``O``, ``I``, ``I1`` to ``I4``; case-insensitive.
+    A new tensor each call; the closure is computed once per group (0.09 s for I)."""
     try:
-        if m and (n < 1 or (m.group(1) == "D" and n < 2)):
-            raise KeyError(s)
-        return close(_generators(s), limit=max(60, 2 * n))
+        return _group(symbol.strip().upper()).clone()
     except KeyError:
         raise InputError(None, f"--sym {symbol!r}: expected C1, Cn, Dn (n >= 2), T, O, I or "
                                "I1-I4 (RELION's point groups)") from None
 
 
-def group_order(symbol: str) -> int:
-    """The number of matrices of ``symbol``'s group."""
-    return len(symmetry_matrices(symbol))
+@functools.lru_cache(maxsize=None)
+def _group(s: str) -> torch.Tensor:
+    """The closure of ``s``'s generators (upper case); KeyError for an unknown symbol."""
+    m = re.fullmatch(r"([CD])(\d+)", s)
+    n = int(m.group(2)) if m else 0
+    if m and (n < 1 or (m.group(1) == "D" and n < 2)):
+        raise KeyError(s)
+    return close(_generators(s), limit=max(60, 2 * n))
 
 
 def symmetry_or_none(symbol: str, device=None) -> torch.Tensor | None:
