@@ -176,7 +176,7 @@ def _mismatched_box(tmp):
     write_stack(tmp / "Extract" / "other.mrcs", np.zeros((12, 20, 20), np.float32), 1.2)
     edit_star(p, "particles", lambda d: d.assign(
         rlnImageName=[*d.rlnImageName[:-1], "000001@Extract/other.mrcs"]))
-    return ["backproject", p, "--out", tmp / "o"], "images are 20 pixels wide; expected 16"
+    return ["backproject", p, "--out", tmp / "o"], "images are 20 pixels wide; the metadata give 16"
 
 
 def _pixel_size_disagrees(tmp):
@@ -220,9 +220,15 @@ def _batch_larger_than_half_set(tmp):
 
 
 def _half_set_of_one_particle(tmp):
-    p = star_dataset(tmp, n=3)
+    p = edit_star(star_dataset(tmp, n=3), "particles",
+                  lambda d: d.assign(rlnRandomSubset=[1, 2, 2]))
     return ["reconstruct", p, "--out", tmp / "o", "--no-validate"], \
         "each half-set needs at least 2 particles"
+
+
+def _empty_half_set(tmp):  # cryoDRGN's relion31.star: all 5 particles in rlnRandomSubset 1
+    p = edit_star(star_dataset(tmp, n=5), "particles", lambda d: d.assign(rlnRandomSubset=1))
+    return ["backproject", p, "--out", tmp / "o"], "none in half-set 2; a gold-standard FSC"
 
 
 def _negative_particle_diameter(tmp):
@@ -345,7 +351,7 @@ CASES = [_missing_star, _empty_star, _garbage_star, _no_image_name, _zero_rows,
          _half_origin, _bad_random_subset, _bad_image_name, _index_beyond_stack, _missing_stack,
          _empty_stack, _truncated_stack, _unreadable_mode, _non_square, _mismatched_box,
          _pixel_size_disagrees, _nan_pixels, _inf_pixels, _inf_pixels_volume, _batch_larger_than_half_set,
-         _half_set_of_one_particle, _negative_particle_diameter,
+         _half_set_of_one_particle, _empty_half_set, _negative_particle_diameter,
          _no_poses_for_reconstruct,
          _cs_without_pose, _cs_without_path, _cs_not_structured, _pkl_of_objects,
          _malicious_pkl, _poses_count_mismatch, _ctf_wrong_shape, _unknown_extension,

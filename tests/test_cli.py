@@ -28,6 +28,9 @@ def test_info_on_100k_star_without_any_image(tmp_path):
     s = json.loads(r.stdout)
     assert s["particles"] == 100_000 and s["box_size"] == 256
     assert s["pixel_size_A"] == [1.1, 1.3]
+    # the groups are reconstructed together at the smaller pixel, in the box of 256 px of 1.3 Å
+    assert s["reconstruction_grid"] == {"pixel_size_A": 1.1, "box_size": round(256 * 1.3 / 1.1),
+                                        "rescaled": True}
     assert sum(g["particles"] for g in s["optics_groups"]) == 100_000
     assert s["half_sets"]["defined"] and s["half_sets"]["1"] + s["half_sets"]["2"] == 100_000
     assert 8000 / 1e4 <= s["defocus_um"]["min"] < s["defocus_um"]["max"] <= 30000 / 1e4

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from cryosplat import geometry
-from cryosplat.ctf import ctf_rfft
+from cryosplat.ctf import wiener_terms
 from cryosplat.evaluate import fsc, spherical_mask
 from cryosplat.fourier import shell_index_3d
 from cryosplat.io.particles import Particles
@@ -178,8 +178,10 @@ def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int 
                      batch_size: int = 64, device: str | torch.device = "cpu",
                      progress=None, symmetry: torch.Tensor | None = None) -> Insertion:
     """Insert particles ``indices`` (poses, shifts, CTF from ``particles``): each `(D, D)`
-    image is transformed, shifted back by ``+origin``, multiplied by its CTF and inserted
-    (:func:`insert_slices`) with its CTF² into a ``pad_factor`` x padded grid, up to the
+    image is transformed, shifted back by ``+origin``, multiplied by its CTF and
+    ``exp(-i Phi)`` where there are odd aberrations (:func:`cryosplat.ctf.wiener_terms`; no
+    CTF for a CTF-premultiplied image) and inserted (:func:`insert_slices`) with its CTF² at ``A^T (M k, 0)`` (anisotropic
+    magnification ``M``, :func:`cryosplat.geometry.image_matrices`) into a ``pad_factor`` x padded grid, up to the
     box's Nyquist (RELION's ``r_max``), not the 2D corners beyond it; then symmetrised by
     ``symmetry`` (:func:`symmetrise`), when given."""
     d = particles.box_size
@@ -196,9 +198,11 @@ def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int 
         f = torch.fft.rfft2(torch.fft.ifftshift(images, dim=(-2, -1)))  # pixel D//2 at 0
         shifts = particles.shifts_A[t].float().to(device)
         f = geometry.translate_rfft(f, shifts, pix, d)  # undo the -origin shift
-        c = ctf_rfft(ctf[t].to(device, torch.float32), d, pix)  # float32: phase error ~1e-5 rad
-        m = geometry.fourier_slice_matrices(rotations[t]).float().to(device)
-        insert_slices(num, den, c * f, c * c, m, points, p)
+        c = ctf[t].to(device, torch.float32)  # float32: phase error ~1e-5 rad
+        factor, weight = wiener_terms(c, d, pix)  # CTF exp(-i Phi), CTF²
+        m = geometry.fourier_slice_matrices(
+            geometry.image_matrices(rotations[t].to(device), c.mag_matrix)).float()
+        insert_slices(num, den, factor * f, weight, m, points, p)
         if progress is not None:
             progress(len(idx))
     return symmetrise(Insertion(hermitian_x0(grid_view(num, p)),

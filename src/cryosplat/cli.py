@@ -22,7 +22,7 @@ from cryosplat.report import write_fsc
 from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
                               run_refinement)
 from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, SymOpt, TruthOpt,
-                               join_processes, new_or_resumed, particle_options)
+                               join_processes, new_or_resumed, numbers, particle_options)
 from cryosplat.io.mrc import read_map_like
 from cryosplat.postprocess.run import postprocess_files, write_postprocess
 from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir,
@@ -46,7 +46,7 @@ def info(particles: Path = typer.Argument(..., help=PARTICLES_HELP), source: Par
          check_images: bool = typer.Option(False, "--check-images",
                                            help="Also check every stack's header and index")):
     """Summarise a particle file without reading its images."""
-    p = source.read()
+    p = source.read(one_pixel_size=False)  # as the file has it; the summary gives the target
     if check_images:
         p.check_images()
     summary = diagnostics.summarise(p)
@@ -111,11 +111,27 @@ def simulate(
     amplitude_contrast: float = typer.Option(0.1, "--amplitude-contrast"),
     bfactor: float = typer.Option(0.0, "--bfactor", help="Extra B-factor on the atoms, Å²"),
     seed: int = typer.Option(0, "--seed"),
+    beam_tilt: str = typer.Option("0,0", "--beam-tilt", help="Beam tilt x,y in mrad "
+                                  "(rlnBeamTiltX/Y)"),
+    odd_zernike: str = typer.Option("", "--odd-zernike", help="Odd Zernike coefficients in "
+                                    "radians, RELION's order (rlnOddZernike), comma-separated"),
+    even_zernike: str = typer.Option("", "--even-zernike", help="Even Zernike coefficients in "
+                                     "radians, RELION's order (rlnEvenZernike)"),
+    mag_matrix: str = typer.Option("1,0,0,1", "--mag-matrix", help="Anisotropic magnification "
+                                   "M00,M01,M10,M11 (rlnMagMat)"),
+    premultiplied: bool = typer.Option(False, "--premultiplied", help="Multiply the images "
+                                       "once more by their CTF (rlnCtfDataAreCtfPremultiplied)"),
     force: bool = ForceOpt,
 ):
-    """Simulate particles (RELION 3.1 STAR + MRCS) and the ground-truth map."""
+    """Simulate particles (RELION 3.1 STAR + MRCS) and the ground-truth map, optionally with
+    RELION's higher-order optics (written to the STAR's optics table)."""
     cfg = SimulationConfig(particles, box, pixel_size, snr, defocus_min, defocus_max, astigmatism,
-                           max_shift, voltage, cs, amplitude_contrast, bfactor, seed)
+                           max_shift, voltage, cs, amplitude_contrast, bfactor, seed,
+                           beam_tilt_mrad=numbers("--beam-tilt", beam_tilt),
+                           odd_zernike=numbers("--odd-zernike", odd_zernike),
+                           even_zernike=numbers("--even-zernike", even_zernike),
+                           mag_matrix=numbers("--mag-matrix", mag_matrix),
+                           premultiplied=premultiplied)
     cfg.check()
     prepare_out_dir(out, force)
     with progress_bar("simulating", particles) as advance:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cryosplat.errors import InputError
-from cryosplat.io.particles import Particles
+from cryosplat.io.particles import Particles, empty_half_set
 
 
 def summarise(p: Particles) -> dict:
@@ -14,9 +14,17 @@ def summarise(p: Particles) -> dict:
     groups = []
     for o in p.optics:
         count = int((p.optics_group == o.number).sum())
-        groups.append({"number": o.number, "name": o.name, "particles": count,
-                       "pixel_size_A": o.pixel_size_A, "voltage_kV": o.voltage_kV,
-                       "cs_mm": o.cs_mm, "amplitude_contrast": o.amplitude_contrast})
+        entry = {"number": o.number, "name": o.name, "particles": count,
+                 "pixel_size_A": o.pixel_size_A, "box_size": o.box_size,
+                 "voltage_kV": o.voltage_kV, "cs_mm": o.cs_mm,
+                 "amplitude_contrast": o.amplitude_contrast}
+        if p.ctf is not None and count:
+            sel = p.optics_group == o.number
+            for key in ("voltage_kV", "cs_mm", "amplitude_contrast"):
+                values = sorted({round(float(v), 6) for v in getattr(p.ctf, key)[sel]})
+                entry[key] = values[0] if len(values) == 1 else values  # per particle, as read
+            entry.update(optics_summary(p.ctf[sel]))
+        groups.append(entry)
     defocus = None
     if p.ctf is not None:
         mean = ((p.ctf.defocus_u_A + p.ctf.defocus_v_A) / 2 / 1e4).numpy()
@@ -32,8 +40,28 @@ def summarise(p: Particles) -> dict:
         "shifts_A": {"max_abs": float(shifts.max()), "rms": float(shifts.pow(2).mean().sqrt())},
         "half_sets": {"defined": bool((half > 0).all()), "1": int((half == 1).sum()),
                       "2": int((half == 2).sum())},
+        "image_model_columns": p.image_model,
+        "reconstruction_grid": dict(zip(("pixel_size_A", "box_size"), p.common_grid()),
+                                    rescaled=p.needs_rescaling()),
         "defaults": p.defaults,
     }
+
+
+def optics_summary(ctf) -> dict:
+    """The higher-order optics of one optics group (its first particle's; RELION keeps them
+    per group), as plain data; empty where it has none."""
+    out = {}
+    if ctf.beam_tilt_mrad is not None:
+        out["beam_tilt_mrad"] = [round(float(x), 6) for x in ctf.beam_tilt_mrad[0]]
+    if ctf.odd_zernike is not None:
+        out["odd_zernike"] = [round(float(x), 6) for x in ctf.odd_zernike[0]]
+    if ctf.even_zernike is not None:
+        out["even_zernike"] = [round(float(x), 6) for x in ctf.even_zernike[0]]
+    if ctf.mag_matrix is not None:
+        out["mag_matrix"] = [round(float(x), 6) for x in ctf.mag_matrix[0].reshape(-1)]
+    if ctf.premultiplied is not None:
+        out["ctf_premultiplied"] = bool(ctf.premultiplied[0] != 0)
+    return out
 
 
 def validation_checks(p: Particles) -> list[dict]:
@@ -55,7 +83,14 @@ def validation_checks(p: Particles) -> list[dict]:
         "present" if p.rotations is not None else "no angles: reconstruction needs poses")
     sizes = sorted({round(float(x), 6) for x in p.pixel_size_A.unique()})
     add("pixel size", "ok" if len(sizes) == 1 else "fail",
-        f"{sizes[0]:g} Å" if len(sizes) == 1 else f"optics groups differ: {sizes} Å")
+        (f"{sizes[0]:g} Å" + (f" ({p.defaults['pixel size']})" if "pixel size" in p.defaults
+                              else "")) if len(sizes) == 1
+        else f"optics groups differ: {sizes} Å")
+    for column, treatment in p.image_model.items():
+        add(f"column {column}", "ok" if treatment.startswith("modelled") else "warn", treatment)
+    if p.ctf is not None and p.ctf.aberrations():
+        add("higher-order optics", "ok", "modelled in the forward model and the direct "
+                                         "inversion: " + ", ".join(p.ctf.aberrations()))
     if p.ctf is None:
         add("CTF", "fail", "no CTF parameters")
     else:
@@ -83,8 +118,11 @@ def validation_checks(p: Particles) -> list[dict]:
     half = p.half_set.numpy()
     if (half > 0).all():
         n1, n2 = int((half == 1).sum()), int((half == 2).sum())
-        add("half-sets", "ok" if min(n1, n2) >= 0.4 * max(n1, n2) else "warn",
-            f"defined in the file: {n1} + {n2}")
+        if min(n1, n2) == 0:
+            add("half-sets", "fail", empty_half_set(half))
+        else:
+            add("half-sets", "ok" if min(n1, n2) >= 0.4 * max(n1, n2) else "warn",
+                f"defined in the file: {n1} + {n2}")
     else:
         add("half-sets", "ok", "not in the file: a seeded random 50/50 split will be used")
     shift_px = (p.shifts_A.norm(dim=-1) / p.pixel_size_A).max()

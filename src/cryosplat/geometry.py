@@ -231,6 +231,26 @@ def fourier_slice_matrices(matrix: torch.Tensor) -> torch.Tensor:
     return matrix.transpose(-1, -2)
 
 
+def image_matrices(rotations: torch.Tensor, mag_matrix: torch.Tensor | None) -> torch.Tensor:
+    """The matrices that take the map to a particle's image frame, anisotropic
+    magnification included: ``M3^T A`` with ``M3 = [[M, 0], [0, 1]]`` (RELION's rlnMagMat);
+    ``A`` itself where ``mag_matrix`` is None.
+
+    RELION projects with ``M3^-1 A`` and samples the map's transform at the inverse of that
+    matrix applied to ``(kx, ky, 0)``: ``A^T (M k, 0)``, which is what
+    :func:`fourier_slice_matrices` of ``M3^T A`` gives. In real space the same matrix takes a
+    Gaussian's 2D marginal to mean ``M^T mu_2D`` and covariance ``M^T Sigma_2D M``.
+
+    rotations `(..., 3, 3)`; mag_matrix `(..., 2, 2)` or None. Returns `(..., 3, 3)`.
+    """
+    if mag_matrix is None:
+        return rotations
+    m3 = torch.zeros(*mag_matrix.shape[:-2], 3, 3, dtype=rotations.dtype, device=rotations.device)
+    m3[..., :2, :2] = mag_matrix.to(rotations.dtype)
+    m3[..., 2, 2] = 1
+    return m3.transpose(-1, -2) @ rotations
+
+
 def random_rotations(n: int, generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Rotations drawn uniformly from SO(3) (normalised Gaussian quaternions); `(n, 3, 3)`."""

@@ -42,7 +42,10 @@ READ_OPTIONS = [
     _option("poses", Optional[Path], "--poses", None, "cryoDRGN poses.pkl (with an .mrcs stack)"),
     _option("ctf", Optional[Path], "--ctf", None, "cryoDRGN ctf.pkl (with an .mrcs stack)"),
     _option("pixel_size", Optional[float], "--pixel-size", None,
-            "Pixel size in Å, for files that give none")]
+            "Pixel size in Å of files that give none; for files that give theirs, the pixel "
+            "size to rescale every optics group to (default: the smallest of the groups)"),
+    _option("amplitude_contrast", Optional[float], "--amplitude-contrast", None,
+            "Amplitude contrast (fraction), for files that give none")]
 SUBSET_OPTIONS = [
     _option("box", Optional[int], "--box", None, "Fourier-crop the particles to this box (pixels)"),
     _option("max_particles", Optional[int], "--max-particles", None, "Keep the first N particles"),
@@ -63,7 +66,7 @@ def particle_options(subset: bool = True):
         @functools.wraps(f)
         def command(**kw):
             values = {p.name: kw.pop(p.name) for p in extra}
-            particles = kw.pop("particles")
+            particles = kw.get("particles")
             source = None if particles is None else ParticleSource(
                 str(particles), **{k: str(v) if isinstance(v, Path) else v
                                    for k, v in values.items()})
@@ -91,6 +94,14 @@ def new_or_resumed(source: ParticleSource | None, out: Path | None, resume: Path
     return build({**vars(source), "particles": str(Path(source.particles).resolve()),
                   "truth": truth and str(truth.resolve()),
                   "mask": mask and str(mask.resolve())}), None, out
+
+
+def numbers(option: str, text: str) -> tuple[float, ...]:
+    """A comma-separated list of numbers from the command line (empty for "")."""
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise InputError(None, f"{option} {text!r}: expected comma-separated numbers") from None
 
 
 def join_processes(nproc: int, device: str) -> bool:

@@ -60,11 +60,16 @@ class ParticleSource:
     box: int | None = None
     max_particles: int | None = None
     invert: bool = False
+    amplitude_contrast: float | None = None
 
-    def read(self) -> Particles:
+    def read(self, one_pixel_size: bool = True) -> Particles:
+        """The particles; with ``one_pixel_size`` (every command but ``info``) optics groups
+        of different pixel sizes or boxes are rescaled to one (:func:`read_particles`)."""
         return read_particles(self.particles, datadir=self.datadir, poses=self.poses,
                               ctf=self.ctf, pixel_size_A=self.pixel_size, box_size=self.box,
-                              max_particles=self.max_particles, invert=self.invert)
+                              max_particles=self.max_particles, invert=self.invert,
+                              amplitude_contrast=self.amplitude_contrast,
+                              one_pixel_size=one_pixel_size)
 
 
 @dataclass

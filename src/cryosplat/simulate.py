@@ -28,7 +28,7 @@ from cryosplat.errors import InputError
 from cryosplat.gaussians import voxelise
 from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
 from cryosplat.io.particles import OpticsGroup, Particles
-from cryosplat.io.star import particles_to_star_tables, write_star
+from cryosplat.io.star_writer import particles_to_star_tables, write_star
 
 
 BIO_ELEMENTS = {"H", "C", "N", "O", "S", "P", "Se", "Na", "Mg", "K", "Ca", "Cl", "Mn", "Fe",
@@ -164,6 +164,12 @@ class SimulationConfig:
     bfactor_A2: float = 0.0
     seed: int = 0
     batch_size: int = 256
+    # higher-order optics of the one optics group (RELION's definitions, cryosplat.ctf)
+    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    odd_zernike: tuple[float, ...] = ()
+    even_zernike: tuple[float, ...] = ()
+    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)
+    premultiplied: bool = False  # images multiplied once more by their CTF (RELION 4/5)
 
     def check(self) -> None:
         """Refuse settings no dataset can have, naming the command-line option."""
@@ -172,7 +178,11 @@ class SimulationConfig:
                                 ("--pixel-size", self.pixel_size_A, self.pixel_size_A > 0),
                                 ("--snr", self.snr, self.snr > 0),
                                 ("--defocus-max", self.defocus_max_um,
-                                 self.defocus_max_um >= self.defocus_min_um)):
+                                 self.defocus_max_um >= self.defocus_min_um),
+                                ("--beam-tilt", self.beam_tilt_mrad, len(self.beam_tilt_mrad) == 2),
+                                ("--mag-matrix", self.mag_matrix, len(self.mag_matrix) == 4
+                                 and 0.5 < abs(self.mag_matrix[0] * self.mag_matrix[3]
+                                               - self.mag_matrix[1] * self.mag_matrix[2]) < 2)):
             if not ok:
                 raise InputError(None, f"{name} {value}: out of range")
 
@@ -191,9 +201,28 @@ def draw_parameters(cfg: SimulationConfig) -> tuple[torch.Tensor, torch.Tensor, 
     ctf = CTFParams(defocus_u_A=(df + ast) * 1e4, defocus_v_A=(df - ast) * 1e4,
                     defocus_angle_deg=angle, voltage_kV=full(cfg.voltage_kV), cs_mm=full(cfg.cs_mm),
                     amplitude_contrast=full(cfg.amplitude_contrast), phase_shift_deg=full(0.0),
-                    bfactor_A2=full(cfg.bfactor_A2), scale=full(1.0))
+                    bfactor_A2=full(cfg.bfactor_A2), scale=full(1.0), **optics_terms(cfg))
     half = torch.randint(1, 3, (n,), generator=g)
     return rot, origin, ctf, half
+
+
+def optics_terms(cfg: SimulationConfig) -> dict[str, torch.Tensor | None]:
+    """The higher-order optics of ``cfg`` as :class:`CTFParams` fields, one row per particle
+    (None for each that is absent)."""
+    n = cfg.n_particles
+
+    def rows(values, shape):
+        return torch.tensor(values, dtype=torch.float64).reshape(shape).expand(n, *shape).clone()
+
+    return {
+        "beam_tilt_mrad": rows(cfg.beam_tilt_mrad, (2,)) if any(cfg.beam_tilt_mrad) else None,
+        "odd_zernike": rows(cfg.odd_zernike, (len(cfg.odd_zernike),)) if cfg.odd_zernike else None,
+        "even_zernike": (rows(cfg.even_zernike, (len(cfg.even_zernike),)) if cfg.even_zernike
+                         else None),
+        "mag_matrix": (rows(cfg.mag_matrix, (2, 2)) if tuple(cfg.mag_matrix) != (1, 0, 0, 1)
+                       else None),
+        "premultiplied": torch.ones(n, dtype=torch.float64) if cfg.premultiplied else None,
+    }
 
 
 def project(volume: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
@@ -220,8 +249,9 @@ def simulate_images(volume: torch.Tensor, cfg: SimulationConfig, rotations: torc
     sigma = None
     for s in range(0, cfg.n_particles, cfg.batch_size):
         sl = slice(s, min(cfg.n_particles, s + cfg.batch_size))
-        clean = forward_images(project(volume, rotations[sl]), origin_A[sl], ctf[sl],
-                               cfg.pixel_size_A)
+        c = ctf[sl]
+        clean = forward_images(project(volume, geometry.image_matrices(rotations[sl], c.mag_matrix)),
+                               origin_A[sl], c, cfg.pixel_size_A)
         if sigma is None:
             sigma = float(clean.var(dim=(-2, -1)).mean().sqrt()) / math.sqrt(cfg.snr)
         noisy = clean + sigma * torch.randn(clean.shape, generator=g)

@@ -41,13 +41,33 @@ def print_info(path, summary: dict) -> None:
     """``cryosplat info``'s tables from :func:`cryosplat.diagnostics.summarise`."""
     console.print(f"[bold]{path}[/bold]: {summary['particles']} particles, box "
                   f"{summary['box_size']} px, {summary['image_stacks']} image stack(s)")
+    def values(v) -> str:  # one value, or the distinct per-particle values of a group
+        return ", ".join(f"{x:g}" for x in v) if isinstance(v, list) else f"{v:g}"
+
     t = Table(title="optics groups")
-    for c in ("group", "name", "particles", "pixel Å", "kV", "Cs mm", "Q0"):
+    for c in ("group", "name", "particles", "pixel Å", "box", "kV", "Cs mm", "Q0", "optics"):
         t.add_column(c)
     for g in summary["optics_groups"]:
+        optics = []
+        if "beam_tilt_mrad" in g:
+            optics.append("tilt {:.3g}, {:.3g} mrad".format(*g["beam_tilt_mrad"]))
+        if "mag_matrix" in g:
+            optics.append("mag [{:.4f} {:.4f}; {:.4f} {:.4f}]".format(*g["mag_matrix"]))
+        for key, name in (("odd_zernike", "odd Z"), ("even_zernike", "even Z")):
+            if key in g:
+                optics.append(f"{name} {len(g[key])} terms")
+        if g.get("ctf_premultiplied"):
+            optics.append("CTF-premultiplied")
         t.add_row(str(g["number"]), g["name"], str(g["particles"]), f"{g['pixel_size_A']:.4f}",
-                  f"{g['voltage_kV']:g}", f"{g['cs_mm']:g}", f"{g['amplitude_contrast']:g}")
+                  str(g["box_size"]), values(g["voltage_kV"]), values(g["cs_mm"]),
+                  values(g["amplitude_contrast"]), "; ".join(optics) or "-")
     console.print(t)
+    grid = summary["reconstruction_grid"]
+    if grid["rescaled"]:
+        console.print(f"reconstructed at {grid['pixel_size_A']:g} Å, box {grid['box_size']} px: "
+                      "every optics group Fourier-rescaled to it (--pixel-size sets another)")
+    for column, treatment in summary.get("image_model_columns", {}).items():
+        console.print(f"image-model column {column}: {treatment}")
     d = summary["defocus_um"]
     console.print("defocus: " + ("none (no CTF parameters)" if d is None else
                                  f"{d['min']:.2f} to {d['max']:.2f} µm (mean {d['mean']:.2f})"))

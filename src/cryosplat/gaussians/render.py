@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from cryosplat.ctf import CTFParams, modulate
 from cryosplat.fourier import rfft_frequencies_2d
+from cryosplat.geometry import image_matrices
 
 
 def project_gaussians(means_A: torch.Tensor, covariances_A2: torch.Tensor,
@@ -264,8 +265,10 @@ def model_images_rfft(mixture, rotations: torch.Tensor, origin_A: torch.Tensor, 
     :class:`~cryosplat.gaussians.GaussianMixture`) for `B` particles, `(B, D, D//2+1)`.
 
     rotations `(B, 3, 3)` RELION matrices; origin_A `(B, 2)` rlnOriginX/YAngst; ``ctf`` the
-    `B` particles' CTF parameters.
+    `B` particles' CTF parameters, with their optics (anisotropic magnification through
+    :func:`cryosplat.geometry.image_matrices`, aberrations through :func:`modulate`).
     """
+    rotations = image_matrices(rotations, ctf.mag_matrix)
     f = mixture.render_rfft(rotations, box_size, pixel_size_A, n_sigma=n_sigma, blur_A=blur_A)
     return modulate(f, origin_A, ctf, pixel_size_A)
 

@@ -14,7 +14,8 @@ from cryosplat.io.cryodrgn import read_cryodrgn
 from cryosplat.io.cryosparc import read_cs
 from cryosplat.io.mrc import read_volume, write_volume
 from cryosplat.io.particles import OpticsGroup, Particles, assign_half_sets
-from cryosplat.io.star import read_star, write_particles
+from cryosplat.io.star import read_star
+from cryosplat.io.star_writer import write_particles
 
 __all__ = ["InputError", "OpticsGroup", "Particles", "assign_half_sets", "read_particles",
            "read_volume", "write_particles", "write_volume"]
@@ -23,20 +24,27 @@ __all__ = ["InputError", "OpticsGroup", "Particles", "assign_half_sets", "read_p
 def read_particles(path: str | Path, datadir: str | Path | None = None,
                    poses: str | Path | None = None, ctf: str | Path | None = None,
                    pixel_size_A: float | None = None, box_size: int | None = None,
-                   max_particles: int | None = None, invert: bool = False) -> Particles:
+                   max_particles: int | None = None, invert: bool = False,
+                   amplitude_contrast: float | None = None,
+                   one_pixel_size: bool = False) -> Particles:
     """Read particles from ``.star``, ``.cs`` or ``.mrcs`` (+ cryoDRGN ``poses``/``ctf`` pkls).
 
-    ``box_size`` Fourier-crops the images on read (pixel size updated); ``max_particles``
-    keeps the first N; ``invert`` negates the images on read (dark particles).
+    ``pixel_size_A`` is the pixel size of files that give none. With ``one_pixel_size`` (what
+    the commands ask for), optics groups that differ in pixel size or box are Fourier-rescaled
+    to one (the smallest pixel size, or ``pixel_size_A`` for files that give theirs;
+    :meth:`Particles.rescaled`); without it the file is read as it is. ``box_size`` then Fourier-crops the images on read (pixel
+    size updated); ``max_particles`` keeps the first N; ``invert`` negates the images on read
+    (dark particles), relative to what the file says (a cryoSPARC ``blob/sign`` of -1
+    already negates them). ``amplitude_contrast`` is for files that give none.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".star":
         with malformed(path, "RELION STAR file"):
-            particles = read_star(path, datadir, pixel_size_A)
+            particles = read_star(path, datadir, pixel_size_A, amplitude_contrast)
     elif suffix == ".cs":
         with malformed(path, "cryoSPARC .cs file"):
-            particles = read_cs(path, datadir)
+            particles = read_cs(path, datadir, amplitude_contrast)
     elif suffix in (".mrcs", ".mrc"):
         with malformed(path, "stack or cryoDRGN pkl"):
             particles = read_cryodrgn(path, poses, ctf, pixel_size_A)
@@ -46,8 +54,14 @@ def read_particles(path: str | Path, datadir: str | Path | None = None,
     if (poses is not None or ctf is not None) and suffix not in (".mrcs", ".mrc"):
         raise InputError(path, "--poses/--ctf pkls go with an .mrcs stack, not a "
                                f"{suffix} file, which carries its own")
+    given = "pixel size" not in particles.defaults or "--pixel-size" not in \
+        particles.defaults["pixel size"]
+    target = pixel_size_A if pixel_size_A is not None and given else None
+    if one_pixel_size and (particles.needs_rescaling() or (target is not None and any(
+            abs(o.pixel_size_A - target) > 1e-6 * target for o in particles.optics))):
+        particles = particles.rescaled(target)
     if invert:
-        particles = replace(particles, invert=True)
+        particles = replace(particles, invert=not particles.invert)
     if max_particles is not None:
         if max_particles < 1:
             raise InputError(None, f"--max-particles {max_particles}: expected a positive count")

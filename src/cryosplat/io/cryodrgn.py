@@ -24,7 +24,7 @@ import torch
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.mrc import ImageSource, read_header
+from cryosplat.io.mrc import ImageSource, header_pixel_size, read_header
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 
 _ALLOWED_GLOBALS = {
@@ -134,10 +134,13 @@ def read_cryodrgn(stack: str | Path, poses: str | Path | None, ctf: str | Path |
             bfactor_A2=torch.zeros(n, dtype=torch.float64), scale=torch.ones(n, dtype=torch.float64))
         defaults["B-factor, scale"] = "0 Å^2, 1 (ctf.pkl has neither)"
     if pix is None:
-        p = pixel_size_A if pixel_size_A is not None else h.voxel_size_A
-        if not p or p <= 0:
-            raise InputError(stack, "no pixel size: no ctf.pkl and no voxel size in the header; "
-                                    "pass --pixel-size")
+        p = pixel_size_A if pixel_size_A is not None else header_pixel_size(h)
+        if p is None or p <= 0:
+            raise InputError(stack, "no pixel size: no ctf.pkl, and the header gives none (0 or "
+                                    "1.0 Å, which writers leave when they know none); pass "
+                                    "--pixel-size")
+        defaults["pixel size"] = (f"{p:g} Å from --pixel-size" if pixel_size_A is not None
+                                  else f"{p:g} Å from the header of {stack}")
         pix = np.full(n, float(p))
     rotations, shifts = None, torch.zeros(n, 2, dtype=torch.float64)
     if poses is not None:

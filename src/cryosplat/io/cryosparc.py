@@ -18,6 +18,8 @@ Fields and units, as cryoSPARC writes them (docs/conventions.md):
 ``ctf/accel_kv``            kV; ``ctf/cs_mm`` mm; ``ctf/amp_contrast`` fraction
 ``ctf/bfactor``             Å^2 (optional); ``ctf/scale`` (optional)
 ``ctf/exp_group_id``        exposure group, used as the optics group (optional)
+``blob/sign``               -1 where the particles are dark: negated on read
+``ctf/tilt_A`` and others   higher-order optics: :mod:`cryosplat.io.optics`
 ==========================  =====================================================
 """
 
@@ -32,11 +34,13 @@ from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
 from cryosplat.io.mrc import ImageSource, read_header
+from cryosplat.io.optics import cryosparc_optics_terms, image_model_columns
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 from cryosplat.io.star import resolve_image_path
 
 
-def read_cs(path: str | Path, datadir: str | Path | None = None) -> Particles:
+def read_cs(path: str | Path, datadir: str | Path | None = None,
+            amplitude_contrast: float | None = None) -> Particles:
     """Read a cryoSPARC particle ``.cs`` file without touching pixel data."""
     path = Path(path)
     data = _load(path)
@@ -63,13 +67,14 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> Particles:
 
     if "blob/shape" in names:
         shape = np.asarray(data["blob/shape"]).reshape(n, -1)
-        if (shape != shape[0]).any() or shape[0, 0] != shape[0, -1]:
-            raise InputError(path, f"blob/shape is {shape[0].tolist()} and varies or is not "
-                                   "square; expected one square box size")
-        box = int(shape[0, 0])
+        if (shape[:, 0] != shape[:, -1]).any():
+            row = int(np.nonzero(shape[:, 0] != shape[:, -1])[0][0])
+            raise InputError(path, f"blob/shape row {row + 1} is {shape[row].tolist()}; "
+                                   "expected square images")
+        boxes = shape[:, 0].astype(np.int64)
     else:
-        box = read_header(files[0]).shape[-1]
-        defaults["blob/shape"] = f"{box} from the header of {files[0]}"
+        boxes = np.full(n, read_header(files[0]).shape[-1], dtype=np.int64)
+        defaults["blob/shape"] = f"{boxes[0]} from the header of {files[0]}"
     pixel = check_range(path, "blob/psize_A", field("blob/psize_A"), 0, np.inf, lo_open=True)
 
     rotations = None
@@ -93,28 +98,29 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> Particles:
             "defocus_angle_deg": np.rad2deg(field("ctf/df_angle_rad", 0.0)),
             "voltage_kV": check_range(path, "ctf/accel_kv", field("ctf/accel_kv"), 0, 3000, lo_open=True),
             "cs_mm": check_range(path, "ctf/cs_mm", field("ctf/cs_mm"), 0, 100),
-            "amplitude_contrast": check_range(path, "ctf/amp_contrast", field("ctf/amp_contrast"),
-                                              0, 1, hi_open=True),
+            "amplitude_contrast": check_range(
+                path, "ctf/amp_contrast", field("ctf/amp_contrast", amplitude_contrast), 0, 1,
+                hi_open=True),
             "phase_shift_deg": np.rad2deg(field("ctf/phase_shift_rad", 0.0)),
             "bfactor_A2": field("ctf/bfactor", 0.0),
             "scale": field("ctf/scale", 1.0),
         }
         ctf = CTFParams(**{k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
-                           for k, v in cols.items()})
+                           for k, v in cols.items()},
+                        **cryosparc_optics_terms(path, data, cols["cs_mm"]))
     else:
         defaults["CTF"] = "none: the file has no ctf/df1_A"
 
-    if "ctf/exp_group_id" in names:
-        gid = np.asarray(data["ctf/exp_group_id"]).astype(np.int64)
-        uniq, group = np.unique(gid, return_inverse=True)
-    else:
-        uniq, group = np.unique(pixel, return_inverse=True)
-    group = group + 1
+    # optics groups: exposure groups, split further where pixel size or box differ
+    gid = (np.asarray(data["ctf/exp_group_id"]).astype(np.float64) if "ctf/exp_group_id" in names
+           else np.zeros(n))
+    uniq, group = np.unique(np.stack([gid, pixel, boxes], 1), axis=0, return_inverse=True)
+    group = group.reshape(n) + 1
     optics = []
     for g in range(len(uniq)):
         first = int(np.nonzero(group == g + 1)[0][0])
         optics.append(OpticsGroup(
-            g + 1, f"opticsGroup{g + 1}", float(pixel[first]), box,
+            g + 1, f"opticsGroup{g + 1}", float(pixel[first]), int(boxes[first]),
             float(ctf.voltage_kV[first]) if ctf else float("nan"),
             float(ctf.cs_mm[first]) if ctf else float("nan"),
             float(ctf.amplitude_contrast[first]) if ctf else float("nan")))
@@ -129,9 +135,21 @@ def read_cs(path: str | Path, datadir: str | Path | None = None) -> Particles:
         defaults["alignments3D/split"] = "none (half-sets assigned at random by the run's seed)"
         half = torch.zeros(n, dtype=torch.int64)
 
-    source = ImageSource(files, codes, idx, box, box)
+    invert = False
+    if "blob/sign" in names:
+        sign = check_finite(path, "blob/sign", data["blob/sign"])
+        if not np.isin(sign, (-1, 1)).all() or (sign != sign[0]).any():
+            raise InputError(path, f"blob/sign holds {sorted(set(sign.tolist()))}; expected -1 "
+                                   "(dark particles) or 1 for every particle")
+        invert = bool(sign[0] == -1)
+        if invert:
+            defaults["blob/sign"] = "-1: dark particles, negated on read"
+    box = int(boxes.max())
+    source = ImageSource(files, codes, idx, box, box,
+                         source_box=None if (boxes == box).all() else boxes)
     return Particles(str(path), source, rotations, shifts, ctf, torch.from_numpy(pixel),
-                     torch.from_numpy(group.astype(np.int64)), optics, half, defaults)
+                     torch.from_numpy(group.astype(np.int64)), optics, half, defaults,
+                     invert=invert, image_model=image_model_columns(names))
 
 
 def _load(path: Path) -> np.ndarray:

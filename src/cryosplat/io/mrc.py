@@ -72,6 +72,14 @@ def read_header(path: str | Path) -> MrcHeader:
     return MrcHeader(str(path), (nz, ny, nx), vs, mode, 1024 + extended, dtype)
 
 
+def header_pixel_size(header: MrcHeader) -> float | None:
+    """The pixel size an MRC header gives, or None where it gives none: 0, or exactly 1.0 Å,
+    which is what writers leave when they know none (RELION itself takes the STAR file's
+    value). The one rule every reader and check uses."""
+    v = header.voxel_size_A
+    return None if v <= 0 or v == 1.0 else v
+
+
 def read_slices(header: MrcHeader, slices: np.ndarray, fd: int) -> np.ndarray:
     """Read 2D sections ``slices`` (sorted, 0-based) of an open MRC file: `(n, ny, nx)` float32.
 
@@ -113,19 +121,45 @@ class ImageSource:
     slice_index: np.ndarray  # (N,) int, 0-based
     stored_box_size: int
     box_size: int
+    source_box: np.ndarray | None = None  # (N,) each particle's box on disk, where they differ
+    source_pixel_A: np.ndarray | None = None  # (N,) on disk, where images are rescaled on read
+    target_pixel_A: float | None = None  # the pixel size they are rescaled to
     _open: dict[int, tuple[MrcHeader, int]] = field(default_factory=dict, repr=False)
     _pid: int = field(default=0, repr=False)
 
     def __len__(self) -> int:
         return len(self.slice_index)
 
+    def _with(self, **changes) -> "ImageSource":
+        keep = {k: getattr(self, k) for k in ("files", "file_index", "slice_index",
+                                              "stored_box_size", "box_size", "source_box",
+                                              "source_pixel_A", "target_pixel_A")}
+        return ImageSource(**{**keep, **changes})
+
     def subset(self, indices: np.ndarray) -> "ImageSource":
-        return ImageSource(self.files, self.file_index[indices], self.slice_index[indices],
-                           self.stored_box_size, self.box_size)
+        def cut(a):
+            return None if a is None else a[indices]
+        return self._with(file_index=self.file_index[indices],
+                          slice_index=self.slice_index[indices],
+                          source_box=cut(self.source_box), source_pixel_A=cut(self.source_pixel_A))
 
     def with_box_size(self, box_size: int) -> "ImageSource":
-        return ImageSource(self.files, self.file_index, self.slice_index,
-                           self.stored_box_size, box_size)
+        return self._with(box_size=box_size)
+
+    def rescaled(self, source_pixel_A: np.ndarray, target_pixel_A: float,
+                 box_size: int) -> "ImageSource":
+        """The same images brought on read to ``target_pixel_A`` and a common ``box_size``:
+        each Fourier-padded or cropped by its :func:`rescaled_box` (:func:`rescale_images`)."""
+        return self._with(source_pixel_A=np.asarray(source_pixel_A, dtype=np.float64),
+                          target_pixel_A=float(target_pixel_A), stored_box_size=box_size,
+                          box_size=box_size,
+                          source_box=self.disk_boxes())
+
+    def disk_boxes(self) -> np.ndarray:
+        """`(N,)` each particle's box as stored on disk."""
+        if self.source_box is not None:
+            return self.source_box
+        return np.full(len(self), self.stored_box_size, dtype=np.int64)
 
     def check(self) -> list[MrcHeader]:
         """Check every stack's header and every index without reading pixel data; return the
@@ -137,9 +171,10 @@ class ImageSource:
             nz, ny, nx = h.shape
             if ny != nx:
                 raise InputError(f, f"images are {nx} x {ny} pixels; expected square images")
-            if nx != self.stored_box_size:
-                raise InputError(f, f"images are {nx} pixels wide; expected "
-                                    f"{self.stored_box_size} like the rest of the dataset")
+            boxes = np.unique(self.disk_boxes()[self.file_index == k])
+            if boxes.size and (boxes != nx).any():
+                raise InputError(f, f"images are {nx} pixels wide; the metadata give "
+                                    f"{int(boxes[boxes != nx][0])} for its particles")
             used = self.slice_index[self.file_index == k]
             if used.size and (used.max() >= nz or used.min() < 0):
                 bad = int(used.max() if used.max() >= nz else used.min())
@@ -179,14 +214,16 @@ class ImageSource:
         d0 = self.stored_box_size
         out = np.empty((len(indices), d0, d0), dtype=np.float32)
         fidx = self.file_index[indices]
+        disk = self.disk_boxes()
         for k in np.unique(fidx):
             rows = np.nonzero(fidx == k)[0]
             header, fd = self._file(int(k))
             nz, ny, nx = header.shape
             sl = self.slice_index[indices[rows]]
-            if nx != d0 or ny != d0:
+            want = int(disk[indices[rows[0]]])
+            if nx != want or ny != want:
                 raise InputError(self.files[k], f"images are {nx} x {ny} pixels; expected "
-                                                f"{d0} x {d0}")
+                                                f"{want} x {want}")
             if sl.max() >= nz or sl.min() < 0:
                 bad = int(sl.max() if sl.max() >= nz else sl.min())
                 raise InputError(self.files[k], f"particle index {bad + 1} (1-based) is beyond "
@@ -197,10 +234,45 @@ class ImageSource:
             if not finite.all():
                 bad = int(sl[order][np.argmin(finite)])
                 raise InputError(self.files[k], f"image {bad + 1} (1-based) holds NaN or Inf pixels")
+            if self.target_pixel_A is not None:
+                src = self.source_pixel_A[indices[rows[order]]]
+                block = rescale_images(block, src, self.target_pixel_A, d0)
             out[rows[order]] = block
         if self.box_size != d0:
             return fourier_crop(torch.from_numpy(out), self.box_size).numpy()
         return out
+
+
+def rescaled_box(box_size: int, pixel_size_A: float, target_pixel_A: float) -> int:
+    """The box an image of ``box_size`` pixels of ``pixel_size_A`` Fourier-pads or crops to at
+    ``target_pixel_A``: the nearest integer to the same field of view. Its pixel is then
+    ``box_size pixel_size_A / rescaled_box`` exactly; the small difference from the target
+    is carried as a magnification (:meth:`cryosplat.io.Particles.rescaled`)."""
+    return max(2, int(round(box_size * pixel_size_A / target_pixel_A)))
+
+
+def rescale_images(images: np.ndarray, pixel_size_A: np.ndarray, target_pixel_A: float,
+                   box_size: int) -> np.ndarray:
+    """Bring `(n, d, d)` images of per-image ``pixel_size_A`` `(n,)` to the target pixel
+    size (Fourier padding or cropping to :func:`rescaled_box`, values kept as samples of the
+    same function), then pad with zeros or crop in real space to ``box_size``, keeping pixel
+    D//2 at the centre. Returns `(n, box_size, box_size)` float32."""
+    n, d = images.shape[0], images.shape[-1]
+    out = np.zeros((n, box_size, box_size), dtype=np.float32)
+    for pix in np.unique(pixel_size_A):
+        rows = np.nonzero(pixel_size_A == pix)[0]
+        b = rescaled_box(d, float(pix), target_pixel_A)
+        x = torch.from_numpy(np.ascontiguousarray(images[rows]))
+        if b != d:
+            x, _ = fourier_rescale_2d(x, target_shape=(b, b), preserve_mean=True)
+        x = x.numpy()
+        if b >= box_size:
+            s = b // 2 - box_size // 2
+            out[rows] = x[:, s:s + box_size, s:s + box_size]
+        else:
+            s = box_size // 2 - b // 2
+            out[rows, s:s + b, s:s + b] = x
+    return out
 
 
 def fourier_crop(images: torch.Tensor, box_size: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ import torch
 
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.mrc import ImageSource
+from cryosplat.io.mrc import ImageSource, header_pixel_size, rescaled_box
 
 
 @dataclass
@@ -42,6 +42,8 @@ class Particles:
     * ``half_set`` `(N,)`: 1 or 2 from the file, 0 where the file defines no half-sets.
     * ``invert``: images are negated on read, for stacks with dark particles (cryoDRGN's and
       some cryoSPARC exports). The default follows RELION: the molecule is bright.
+    * ``image_model``: the file's columns that change the image model beyond the basic CTF,
+      each with what cryosplat does with it (:mod:`cryosplat.io.optics`).
     """
 
     source: str
@@ -55,6 +57,8 @@ class Particles:
     half_set: torch.Tensor
     defaults: dict[str, str] = field(default_factory=dict)
     invert: bool = False
+    image_model: dict[str, str] = field(default_factory=dict)
+    origin_scale: torch.Tensor | None = None  # (N,) shifts_A / the file's, after rescaled()
 
     def __len__(self) -> int:
         return len(self.images)
@@ -78,6 +82,7 @@ class Particles:
             pixel_size_A=self.pixel_size_A[t],
             optics_group=self.optics_group[t],
             half_set=self.half_set[t],
+            origin_scale=None if self.origin_scale is None else self.origin_scale[t],
         )
 
     def first(self, n: int | None) -> "Particles":
@@ -95,6 +100,51 @@ class Particles:
                           box_size=box_size) for o in self.optics]
         return replace(self, images=self.images.with_box_size(box_size),
                        pixel_size_A=self.pixel_size_A * factor, optics=optics)
+
+    def needs_rescaling(self) -> bool:
+        """Whether the optics groups differ in pixel size or box."""
+        return len({(round(o.pixel_size_A, 6), o.box_size) for o in self.optics}) > 1
+
+    def common_grid(self, target_pixel_A: float | None = None) -> tuple[float, int]:
+        """The pixel size (Å) and box that :meth:`rescaled` brings every group to."""
+        target = min(o.pixel_size_A for o in self.optics) if target_pixel_A is None \
+            else float(target_pixel_A)
+        if not target > 0:
+            raise InputError(self.source, f"--pixel-size {target}: expected a positive size")
+        return target, max(rescaled_box(o.box_size, o.pixel_size_A, target) for o in self.optics)
+
+    def rescaled(self, target_pixel_A: float | None = None) -> "Particles":
+        """Every optics group brought to one pixel size (the smallest of the groups unless
+        ``target_pixel_A``) and one box, as RELION reconstructs groups of different pixel
+        sizes together.
+
+        Each group's images are Fourier-padded or cropped to the box nearest its field of view
+        at the target (:func:`cryosplat.io.mrc.rescaled_box`), then padded or cropped in real
+        space to the largest such box. That box's true pixel ``p'`` differs from the target
+        ``p`` by the rounding (0.1% for 196 px from 1.25 to 1.24 Å); the difference is carried
+        exactly as an isotropic magnification ``p / p'`` (on top of the group's own
+        rlnMagMat) and the origins in Å are scaled by the same factor, so that nothing is
+        approximated beyond the Fourier interpolation itself."""
+        target, common = self.common_grid(target_pixel_A)
+        boxes = {o.number: rescaled_box(o.box_size, o.pixel_size_A, target) for o in self.optics}
+        ratio_of = {o.number: target * boxes[o.number] / (o.box_size * o.pixel_size_A)
+                    for o in self.optics}
+        ratio = torch.tensor([ratio_of[int(g)] for g in self.optics_group], dtype=torch.float64)
+        ctf = self.ctf
+        if ctf is not None and (ctf.mag_matrix is not None or bool((ratio != 1).any())):
+            mag = (torch.eye(2, dtype=torch.float64).expand(len(self), 2, 2)
+                   if ctf.mag_matrix is None else ctf.mag_matrix)
+            ctf = replace(ctf, mag_matrix=ratio[:, None, None] * mag)
+        described = ", ".join(f"group {o.number}: {o.box_size} px of {o.pixel_size_A:g} Å"
+                              for o in self.optics)
+        defaults = {**self.defaults, "pixel size": f"all optics groups Fourier-rescaled to "
+                    f"{target:g} Å in a box of {common} px ({described})"}
+        return replace(
+            self, images=self.images.rescaled(self.pixel_size_A.numpy(), target, common),
+            pixel_size_A=torch.full((len(self),), target, dtype=torch.float64),
+            shifts_A=self.shifts_A * ratio[:, None], ctf=ctf, defaults=defaults,
+            optics=[replace(o, pixel_size_A=target, box_size=common) for o in self.optics],
+            origin_scale=ratio if self.origin_scale is None else self.origin_scale * ratio)
 
     def require_poses(self) -> torch.Tensor:
         if self.rotations is None:
@@ -119,19 +169,20 @@ class Particles:
 
     def check_images(self) -> None:
         """Check every stack (headers, sizes, indices; no pixel data) and that each stack's
-        header pixel size, where it gives one, agrees with the metadata to 1%. Headers of 0 or
-        exactly 1.0 Å are taken as unset: both are what writers leave when they know none,
-        and RELION itself uses the STAR file's value."""
+        header pixel size, where it gives one (:func:`cryosplat.io.mrc.header_pixel_size`),
+        agrees with the metadata to 1%."""
         headers = self.images.check()
         to_stored = self.images.box_size / self.images.stored_box_size
+        on_disk = (None if self.images.source_pixel_A is None
+                   else torch.from_numpy(self.images.source_pixel_A))
         for k, (f, h) in enumerate(zip(self.images.files, headers)):
             sel = torch.from_numpy(self.images.file_index == k)
             if not bool(sel.any()):
                 continue
-            header = h.voxel_size_A
-            for pix in sorted({round(float(x) * to_stored, 6) for x in self.pixel_size_A[sel]}):
-                unset = header <= 0 or header == 1.0
-                if not unset and abs(header - pix) > 0.01 * pix:
+            header = header_pixel_size(h)
+            stored = (self.pixel_size_A[sel] * to_stored) if on_disk is None else on_disk[sel]
+            for pix in sorted({round(float(x), 6) for x in stored}):
+                if header is not None and abs(header - pix) > 0.01 * pix:
                     raise InputError(f, f"header pixel size {header:g} Å disagrees with "
                                         f"{pix:g} Å in {self.source}; one of them is wrong: fix "
                                         "the header or the metadata")
@@ -148,6 +199,9 @@ def assign_half_sets(particles: Particles, seed: int) -> np.ndarray:
     seeded 50/50 split. Every command that splits a dataset calls this, once per run."""
     half = particles.half_set.numpy().copy()
     if (half > 0).all():
+        empty = [h for h in (1, 2) if not (half == h).any()]
+        if empty:
+            raise InputError(particles.source, empty_half_set(half))
         return half
     g = np.random.default_rng(seed)
     n = len(half)
@@ -155,6 +209,14 @@ def assign_half_sets(particles: Particles, seed: int) -> np.ndarray:
     half[perm[: n // 2]] = 1
     half[perm[n // 2:]] = 2
     return half
+
+
+def empty_half_set(half: np.ndarray) -> str:
+    """The error for a file whose half-set column leaves one half-set empty."""
+    full = 1 if (half == 1).any() else 2
+    return (f"the file's half-sets (rlnRandomSubset or alignments3D/split) put all {len(half)} "
+            f"particles in half-set {full} and none in half-set {3 - full}; a gold-standard "
+            "FSC needs both: drop that column (a seeded random split is then used) or fix it")
 
 
 def check_finite(source: str | Path, name: str, values: np.ndarray) -> np.ndarray:

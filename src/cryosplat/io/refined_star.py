@@ -18,7 +18,8 @@ import starfile
 
 from cryosplat import geometry
 from cryosplat.io.particles import Particles
-from cryosplat.io.star import ANGLE_COLUMNS, particles_to_star_tables, write_star
+from cryosplat.io.star import ANGLE_COLUMNS
+from cryosplat.io.star_writer import particles_to_star_tables, write_star
 
 # RELION 3.0 columns that a 3.1 STAR replaces (by data_optics or by rlnOriginX/YAngst)
 _SUPERSEDED_30 = {"rlnOriginX", "rlnOriginY", "rlnMagnification", "rlnDetectorPixelSize"}

@@ -1,9 +1,10 @@
-"""RELION STAR files (3.0 and 3.1/4/5) with starfile: reading into :class:`Particles` and
-writing RELION 3.1 STAR + MRCS."""
+"""RELION STAR files (3.0 and 3.1/4/5) with starfile: reading into :class:`Particles`
+(writing: :mod:`cryosplat.io.star_writer`)."""
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +15,8 @@ import torch
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.atomic import atomic_path
-from cryosplat.io.mrc import ImageSource, read_header, write_stack
+from cryosplat.io.optics import image_model_columns, relion_optics_terms
+from cryosplat.io.mrc import ImageSource, header_pixel_size, read_header
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -34,7 +35,8 @@ DEFAULTS = {
 
 
 def read_star(path: str | Path, datadir: str | Path | None = None,
-              pixel_size_A: float | None = None) -> Particles:
+              pixel_size_A: float | None = None,
+              amplitude_contrast: float | None = None) -> Particles:
     """Read a RELION particle STAR file (3.0 or 3.1+) without touching pixel data.
 
     Parameters
@@ -43,6 +45,11 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
     datadir: folder that relative image paths are taken from (default: the STAR file's
         folder, then its parent, as RELION project paths are relative to the project).
     pixel_size_A: pixel size for RELION 3.0 files that give none; ignored when the file does.
+    amplitude_contrast: rlnAmplitudeContrast for files that give none; ignored when the file
+        does.
+
+    Optics groups with different pixel sizes or boxes are read as they are;
+    :meth:`Particles.rescaled` brings them to one (``read_particles`` does).
     """
     path = Path(path)
     blocks = _read_blocks(path)
@@ -65,17 +72,12 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
     images_files, file_index, slice_index = _parse_image_names(path, particles["rlnImageName"],
                                                                datadir)
     if optics_df is not None:
-        optics, group = _optics_31(path, optics_df, particles)
+        optics, group = _optics_31(path, optics_df, particles, images_files, file_index, defaults)
     else:
         optics, group = _optics_30(path, particles, images_files, pixel_size_A, defaults)
     by_number = {o.number: o for o in optics}
     pixel = np.array([by_number[g].pixel_size_A for g in group])
-    boxes = {o.box_size for o in optics}
-    if len(boxes) != 1:
-        raise InputError(path, "optics groups have different image sizes "
-                               f"({', '.join(f'group {o.number}: {o.box_size}' for o in optics)});"
-                               " expected one box size for the dataset")
-    box = boxes.pop()
+    box_of = np.array([by_number[g].box_size for g in group])
 
     rotations = None
     present = [c for c in ANGLE_COLUMNS if c in particles.columns]
@@ -88,7 +90,12 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
                                "all three Euler angles or none")
 
     shifts = _shifts(path, particles, pixel, defaults)
-    ctf = _ctf(path, particles, optics_df is not None, by_number, group, defaults)
+    ctf = _ctf(path, particles, optics_df is not None, by_number, group, defaults,
+               amplitude_contrast)
+    terms = relion_optics_terms(path, optics_df, particles, group)
+    if ctf is not None:
+        ctf = replace(ctf, **terms)
+    columns = list(particles.columns) + ([] if optics_df is None else list(optics_df.columns))
 
     if "rlnRandomSubset" in particles.columns:
         half = _column(path, particles, "rlnRandomSubset")
@@ -101,9 +108,12 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
         half_set = torch.zeros(n, dtype=torch.int64)
         defaults["rlnRandomSubset"] = DEFAULTS["rlnRandomSubset"]
 
-    source = ImageSource(images_files, file_index, slice_index, box, box)
+    source = ImageSource(images_files, file_index, slice_index, int(box_of.max()),
+                         int(box_of.max()), source_box=None if (box_of == box_of[0]).all()
+                         else box_of.astype(np.int64))
     return Particles(str(path), source, rotations, shifts, ctf, torch.from_numpy(pixel),
-                     torch.from_numpy(group.astype(np.int64)), optics, half_set, defaults)
+                     torch.from_numpy(group.astype(np.int64)), optics, half_set, defaults,
+                     image_model=image_model_columns(columns))
 
 
 def _read_blocks(path: Path) -> dict[str, pd.DataFrame]:
@@ -170,9 +180,12 @@ def resolve_image_path(metadata_path: Path, name: str, datadir=None) -> Path:
     return candidates[0]
 
 
-def _optics_31(path: Path, optics_df: pd.DataFrame, particles: pd.DataFrame):
+def _optics_31(path: Path, optics_df: pd.DataFrame, particles: pd.DataFrame,
+               files: list[str], file_index: np.ndarray, defaults: dict):
     if "rlnOpticsGroup" not in optics_df.columns:
         raise InputError(path, "data_optics lacks rlnOpticsGroup")
+    group_of_row = (_column(path, particles, "rlnOpticsGroup").astype(np.int64)
+                    if "rlnOpticsGroup" in particles.columns else None)
     optics = []
     for i in range(len(optics_df)):
         row = optics_df.iloc[i:i + 1]
@@ -185,9 +198,13 @@ def _optics_31(path: Path, optics_df: pd.DataFrame, particles: pd.DataFrame):
                    / _column(path, row, "rlnMagnification")[0])
         else:
             raise InputError(path, f"{where} lacks rlnImagePixelSize")
-        if "rlnImageSize" not in row.columns:
-            raise InputError(path, f"{where} lacks rlnImageSize")
-        box = _column(path, row, "rlnImageSize")[0]
+        if "rlnImageSize" in row.columns:
+            box = _column(path, row, "rlnImageSize")[0]
+        else:  # RELION 3.1 files converted from 3.0 may lack it: the stack header has it
+            first = 0 if group_of_row is None else np.nonzero(group_of_row == number)[0]
+            stack = files[file_index[int(np.atleast_1d(first)[0])]] if np.size(first) else files[0]
+            box = _box_from_header(path, stack, f"{where} lacks rlnImageSize")
+            defaults[f"rlnImageSize (group {number})"] = f"{box} from the header of {stack}"
         if pix <= 0 or box < 2 or box != int(box):
             raise InputError(path, f"{where} has rlnImagePixelSize {pix:g} and rlnImageSize "
                                    f"{box:g}; expected a positive pixel size and an integer box")
@@ -222,32 +239,47 @@ def _optics_30(path: Path, particles: pd.DataFrame, files: list[str], pixel_size
         pix = np.full(len(particles), float(pixel_size_A))
         defaults["pixel size"] = f"{pixel_size_A:g} Å from --pixel-size"
     else:
-        h = read_header(files[0])
-        if h.voxel_size_A <= 0:
-            raise InputError(path, "gives no pixel size (rlnDetectorPixelSize + rlnMagnification"
-                                   " or rlnImagePixelSize) and the stack header has none; "
-                                   "pass --pixel-size")
-        pix = np.full(len(particles), h.voxel_size_A)
-        defaults["pixel size"] = f"{h.voxel_size_A:g} Å from the header of {files[0]}"
+        why = "gives no pixel size (rlnDetectorPixelSize + rlnMagnification or rlnImagePixelSize)"
+        header = header_pixel_size(_header(path, files[0], why))
+        if header is None:
+            raise InputError(path, f"{why} and the header of {files[0]} has none (0 or 1.0 Å, "
+                                   "which writers leave when they know none); pass --pixel-size")
+        pix = np.full(len(particles), header)
+        defaults["pixel size"] = f"{header:g} Å from the header of {files[0]}"
     uniq = np.unique(pix)
     if (uniq <= 0).any():
         raise InputError(path, f"pixel size {uniq.min():g} Å; expected a positive value")
     if "rlnImageSize" in particles.columns:
         box = int(_column(path, particles, "rlnImageSize")[0])
     else:
-        h = read_header(files[0])
-        if h.shape[1] != h.shape[2]:
-            raise InputError(files[0], f"images are {h.shape[2]} x {h.shape[1]} pixels; "
-                                       "expected square images")
-        box = h.shape[2]
+        box = _box_from_header(path, files[0], "gives no rlnImageSize")
+        defaults["rlnImageSize"] = f"{box} from the header of {files[0]}"
     values = {}
     for key, col in OPTICS_CTF_COLUMNS.items():
+        # per-particle values in 3.0 files; the group's shows the first (the CTF uses each row's)
         values[key] = float(_column(path, particles, col)[0]) if col in particles.columns else float("nan")
     # RELION 3.0 has no optics table: one group per distinct pixel size.
     optics = [OpticsGroup(i + 1, f"opticsGroup{i + 1}", float(p), box, **values)
               for i, p in enumerate(uniq)]
     group = np.searchsorted(uniq, pix) + 1
     return optics, group
+
+
+def _header(path: Path, stack: str, why: str):
+    """The header of ``stack``, read because ``path`` ``why``; a missing stack says so."""
+    if not Path(stack).exists():
+        raise InputError(path, f"{why}, so it is read from the first image stack, {stack}, "
+                               "which was not found: pass --datadir (the folder the file's "
+                               "image paths are relative to)")
+    return read_header(stack)
+
+
+def _box_from_header(path: Path, stack: str, why: str) -> int:
+    h = _header(path, stack, why)
+    if h.shape[1] != h.shape[2]:
+        raise InputError(stack, f"images are {h.shape[2]} x {h.shape[1]} pixels; expected "
+                                "square images")
+    return h.shape[2]
 
 
 def _shifts(path: Path, particles: pd.DataFrame, pixel: np.ndarray, defaults) -> torch.Tensor:
@@ -264,7 +296,8 @@ def _shifts(path: Path, particles: pd.DataFrame, pixel: np.ndarray, defaults) ->
     return torch.zeros(n, 2, dtype=torch.float64)
 
 
-def _ctf(path: Path, particles: pd.DataFrame, has_optics: bool, by_number, group, defaults):
+def _ctf(path: Path, particles: pd.DataFrame, has_optics: bool, by_number, group, defaults,
+         amplitude_contrast: float | None = None):
     if "rlnDefocusU" not in particles.columns:
         defaults["CTF"] = "none: the file has no rlnDefocusU"
         return None
@@ -284,9 +317,18 @@ def _ctf(path: Path, particles: pd.DataFrame, has_optics: bool, by_number, group
             cols[key] = _column(path, particles, col)
         else:
             per_group = np.array([getattr(by_number[g], key) for g in group])
+            if np.isnan(per_group).any() and key == "amplitude_contrast" \
+                    and amplitude_contrast is not None:
+                per_group = np.where(np.isnan(per_group), amplitude_contrast, per_group)
+                defaults[col] = f"{amplitude_contrast:g} from --amplitude-contrast"
+                for o in by_number.values():
+                    if np.isnan(o.amplitude_contrast):
+                        o.amplitude_contrast = float(amplitude_contrast)
             if np.isnan(per_group).any():
                 where = "data_optics or data_particles" if has_optics else "the particle table"
-                raise InputError(path, f"missing {col}, needed for the CTF; expected it in {where}")
+                hint = " (or pass --amplitude-contrast)" if key == "amplitude_contrast" else ""
+                raise InputError(path, f"missing {col}, needed for the CTF; expected it in "
+                                       f"{where}{hint}")
             cols[key] = per_group
     cols["phase_shift_deg"] = optional("rlnPhaseShift", 0.0)
     cols["bfactor_A2"] = optional("rlnCtfBfactor", 0.0)
@@ -296,78 +338,3 @@ def _ctf(path: Path, particles: pd.DataFrame, has_optics: bool, by_number, group
     check_range(path, "rlnAmplitudeContrast", cols["amplitude_contrast"], 0, 1, hi_open=True)
     return CTFParams(**{k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64))
                         for k, v in cols.items()})
-
-
-# ---------------------------------------------------------------------------------------
-# Writing
-# ---------------------------------------------------------------------------------------
-
-
-def particles_to_star_tables(particles: Particles, image_names: list[str]) -> dict[str, pd.DataFrame]:
-    """RELION 3.1 data_optics and data_particles tables for ``particles``."""
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": [o.number for o in particles.optics],
-        "rlnOpticsGroupName": [o.name for o in particles.optics],
-        "rlnImagePixelSize": [o.pixel_size_A for o in particles.optics],
-        "rlnImageSize": [particles.box_size for _ in particles.optics],
-        "rlnImageDimensionality": [2 for _ in particles.optics],
-        "rlnVoltage": [o.voltage_kV for o in particles.optics],
-        "rlnSphericalAberration": [o.cs_mm for o in particles.optics],
-        "rlnAmplitudeContrast": [o.amplitude_contrast for o in particles.optics],
-    })
-    table: dict[str, object] = {"rlnImageName": image_names}
-    if particles.rotations is not None:
-        euler = geometry.matrix_to_euler_relion(particles.rotations).numpy()
-        for i, c in enumerate(ANGLE_COLUMNS):
-            table[c] = euler[:, i]
-    table["rlnOriginXAngst"] = particles.shifts_A[:, 0].numpy()
-    table["rlnOriginYAngst"] = particles.shifts_A[:, 1].numpy()
-    if particles.ctf is not None:
-        c = particles.ctf
-        table.update({
-            "rlnDefocusU": c.defocus_u_A.numpy(), "rlnDefocusV": c.defocus_v_A.numpy(),
-            "rlnDefocusAngle": c.defocus_angle_deg.numpy(), "rlnPhaseShift": c.phase_shift_deg.numpy(),
-            "rlnCtfBfactor": c.bfactor_A2.numpy(), "rlnCtfScalefactor": c.scale.numpy(),
-        })
-        # Per-particle optics values win over the group's (RELION reads them so).
-        group_values = {k: np.array([getattr({o.number: o for o in particles.optics}[int(g)], k)
-                                     for g in particles.optics_group]) for k in OPTICS_CTF_COLUMNS}
-        for key, col in OPTICS_CTF_COLUMNS.items():
-            mine = getattr(c, key).numpy()
-            if not np.allclose(mine, group_values[key], equal_nan=False):
-                table[col] = mine
-    table["rlnOpticsGroup"] = particles.optics_group.numpy()
-    if (particles.half_set > 0).all():
-        table["rlnRandomSubset"] = particles.half_set.numpy()
-    return {"optics": optics, "particles": pd.DataFrame(table)}
-
-
-def write_star(path: str | Path, tables: dict[str, pd.DataFrame]) -> None:
-    """Write STAR tables atomically (a temporary name, then a rename)."""
-    with atomic_path(path) as tmp:
-        starfile.write(tables, tmp, float_format="%.6f")
-
-
-def write_particles(out_dir: str | Path, particles: Particles, batch_size: int = 256,
-                    stack_name: str = "particles.mrcs", star_name: str = "particles.star",
-                    progress=None) -> Path:
-    """Write ``particles`` (images as read: downsampled, subset) to one MRCS + a 3.1 STAR.
-
-    ``progress`` is an optional callable taking the number of images just written.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    n, d = len(particles), particles.box_size
-    pix = particles.pixel_size_A.unique()
-
-    def batches():
-        for start in range(0, n, batch_size):
-            idx = np.arange(start, min(n, start + batch_size))
-            yield particles.images.read(idx)
-            if progress is not None:
-                progress(len(idx))
-
-    write_stack(out_dir / stack_name, batches(), n, d, float(pix[0]))
-    names = [f"{i + 1:06d}@{stack_name}" for i in range(n)]
-    write_star(out_dir / star_name, particles_to_star_tables(particles, names))
-    return out_dir / star_name

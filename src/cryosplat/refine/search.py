@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from cryosplat import geometry
 from cryosplat.backproject import slice_points
-from cryosplat.ctf import CTFParams, ctf_rfft
+from cryosplat.ctf import CTFParams, transfer_rfft
 from cryosplat.fourier import shell_index_3d
 from cryosplat.train.volume import AccumulatedObjective
 
@@ -128,6 +128,13 @@ def extract_slices(volume: torch.Tensor, rotations: torch.Tensor, points: Points
     return torch.where(flip, out.conj(), out)
 
 
+def _imaged(rotations: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
+    """Candidate rotations `(B, R, 3, 3)` with each particle's anisotropic magnification
+    (:func:`cryosplat.geometry.image_matrices`)."""
+    mag = ctf.mag_matrix
+    return geometry.image_matrices(rotations, None if mag is None else mag[:, None])
+
+
 def as_sampled(transform: torch.Tensor) -> torch.Tensor:
     """A padded transform `(P, P, P//2+1)` complex (fftshifted along z and y) as
     :func:`extract_slices` reads it: `(1, 2, P, P, P//2+1)` real and imaginary parts."""
@@ -136,13 +143,14 @@ def as_sampled(transform: torch.Tensor) -> torch.Tensor:
 
 def ctf_at(ctf: CTFParams, defocus_change_A: torch.Tensor, points: Points,
            pixel_size_A: float) -> torch.Tensor:
-    """The CTF of `B` particles at ``points`` with their defocus changed by
-    ``defocus_change_A`` `(B, C)` (both U and V): `(B, C, K)` real."""
+    """The optical transfer (:func:`cryosplat.ctf.transfer_rfft`) of `B` particles at
+    ``points`` with their defocus changed by ``defocus_change_A`` `(B, C)` (both U and V):
+    `(B, C, K)`, real, or complex where there are odd aberrations."""
     b, c = defocus_change_A.shape
     rep = ctf[torch.arange(b).repeat_interleave(c)]
     change = defocus_change_A.reshape(-1).to(rep.defocus_u_A.dtype)
     rep = replace(rep, defocus_u_A=rep.defocus_u_A + change, defocus_v_A=rep.defocus_v_A + change)
-    values = ctf_rfft(rep, points.box_size, pixel_size_A).reshape(b * c, -1)[:, points.flat]
+    values = transfer_rfft(rep, points.box_size, pixel_size_A).reshape(b * c, -1)[:, points.flat]
     return values.reshape(b, c, -1)
 
 
@@ -222,7 +230,7 @@ def refine_batch(transform: torch.Tensor, data: torch.Tensor, ctf: CTFParams, po
             torch.tensor(cfg.angle_step_deg * step))) @ rot[:, None]  # (B, 27, 3, 3)
         cand_o = org[:, None] + _GRID2.to(dev) * cfg.shift_step_A * step  # (B, 9, 2)
         with torch.no_grad():
-            s = scores(extract_slices(transform, cand_r, points),
+            s = scores(extract_slices(transform, _imaged(cand_r, ctf), points),
                        ctf_at(ctf, dfc[:, None], points, pixel_size_A),
                        centred_data(data, cand_o, points, pixel_size_A), points.weight)
             ok_r, ok_o, _ = _allowed(cand_r, cand_o, dfc[:, None], start, cfg)
@@ -232,7 +240,7 @@ def refine_batch(transform: torch.Tensor, data: torch.Tensor, ctf: CTFParams, po
         rot, org = cand_r[pick, best // len(_GRID2)], cand_o[pick, best % len(_GRID2)]
     with torch.no_grad():  # defocus, at the best rotation and origin
         cand_d = dfc[:, None] + _DEFOCUS.to(dev) * cfg.defocus_step_A * scale  # (B, 5)
-        slices = extract_slices(transform, rot[:, None], points)  # (B, 1, K)
+        slices = extract_slices(transform, _imaged(rot[:, None], ctf), points)  # (B, 1, K)
         centred = centred_data(data, org[:, None], points, pixel_size_A)  # (B, 1, K)
         c = ctf_at(ctf, cand_d, points, pixel_size_A)  # (B, 5, K)
         s = scores(slices.expand_as(c), c, centred, points.weight)[..., 0]  # (B, 5)
@@ -259,7 +267,7 @@ def polish(transform: torch.Tensor, data: torch.Tensor, ctf: CTFParams, pose: Po
 
     def score() -> torch.Tensor:
         r = geometry.axis_angle_to_matrix(omega) @ pose.rotations
-        s = scores(extract_slices(transform, r[:, None], points),
+        s = scores(extract_slices(transform, _imaged(r[:, None], ctf), points),
                    ctf_at(ctf, (pose.defocus_change_A + d_df)[:, None], points, pixel_size_A),
                    centred_data(data, (pose.origins_A + d_org)[:, None], points, pixel_size_A),
                    points.weight)
