@@ -24,7 +24,7 @@ from cryosplat.fourier import rfft_frequencies_2d
 from cryosplat.gaussians import render_rfft
 from cryosplat.errors import InputError
 from cryosplat.io import read_particles
-from cryosplat.io.mrc import fourier_resample
+from cryosplat.fourier import fourier_resample
 from cryosplat.simulate import SimulationConfig, project, simulate_dataset
 
 RELION_PROJECT = shutil.which("relion_project")

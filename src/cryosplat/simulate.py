@@ -19,11 +19,11 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import torch
-from torch_fourier_rescale import fourier_rescale_3d
 from torch_fourier_slice import project_3d_to_2d
 
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams, modulate
+from cryosplat.fourier import fourier_resample
 from cryosplat.errors import InputError
 from cryosplat.gaussians import voxelise
 from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
@@ -127,8 +127,8 @@ def structure_to_map(path: str | Path, box_size: int, pixel_size_A: float,
     Atoms are far narrower than a voxel (sigma about 0.5 Å), so sampling them directly would
     alias their high frequencies into every shell: the map would not be the band-limited
     potential that an ideal detector records. They are sampled on a grid ``oversampling``
-    times finer (centre voxel at the same point) and Fourier-cropped back to D
-    (torch-fourier-rescale), which band-limits the map at Nyquist.
+    times finer (centre voxel at the same point) and Fourier-cropped back to D about that
+    voxel (:func:`cryosplat.fourier.fourier_resample`), which band-limits the map at Nyquist.
     """
     means, var, amp, centre = atomic_potential_gaussians(path, extra_bfactor_A2)
     extent = float(means.abs().max())
@@ -142,8 +142,7 @@ def structure_to_map(path: str | Path, box_size: int, pixel_size_A: float,
         return voxelise(means, cov, amp, box_size, pixel_size_A), centre
     fine = voxelise(means.float(), cov.float(), amp.float(), oversampling * box_size,
                     pixel_size_A / oversampling)
-    vol, _ = fourier_rescale_3d(fine, target_shape=(box_size,) * 3, preserve_mean=True)
-    return vol.double(), centre
+    return fourier_resample(fine, box_size, ndim=3).double(), centre
 
 
 @dataclass

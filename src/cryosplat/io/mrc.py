@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from cryosplat.errors import InputError, StageError
+from cryosplat.fourier import fourier_resample
 from cryosplat.io.atomic import atomic_path
 
 # MRC modes we read: 0 int8, 1 int16, 2 float32, 6 uint16, 12 float16.
@@ -238,7 +239,7 @@ class ImageSource:
                 block = rescale_images(block, src, self.target_pixel_A, d0)
             out[rows[order]] = block
         if self.box_size != d0:
-            return fourier_crop(torch.from_numpy(out), self.box_size).numpy()
+            return fourier_resample(torch.from_numpy(out), self.box_size).numpy()
         return out
 
 
@@ -272,35 +273,6 @@ def rescale_images(images: np.ndarray, pixel_size_A: np.ndarray, target_pixel_A:
             s = box_size // 2 - b // 2
             out[rows, s:s + b, s:s + b] = x
     return out
-
-
-def fourier_resample(images: torch.Tensor, box_size: int) -> torch.Tensor:
-    """FFT-aligned `(..., D, D)` images to `(..., d, d)` by Fourier cropping or padding about
-    the centre pixel D//2, which becomes pixel d//2: the frequencies ``-m//2 .. m - m//2 - 1``
-    (``m = min(D, d)``) are kept. Pixel values keep their scale (the mean is preserved); the
-    pixel size changes by D/d.
-
-    Not torch-fourier-rescale's ``fourier_rescale_2d``: measured, it moves the centre by half a
-    pixel when the size changes between odd and even (63 -> 64: -0.51 px; 64 -> 65: +0.50 px;
-    63 -> 31: +0.26 px), a phase error that would ruin high resolution
-    (tests/test_optics.py)."""
-    d, b = images.shape[-1], box_size
-    if b == d:
-        return images
-    dims = (-2, -1)
-    f = torch.fft.fftshift(torch.fft.fft2(torch.fft.ifftshift(images.double(), dim=dims)), dim=dims)
-    out = torch.zeros(*images.shape[:-2], b, b, dtype=f.dtype)
-    m = min(d, b)
-    src, dst = d // 2 - m // 2, b // 2 - m // 2
-    out[..., dst:dst + m, dst:dst + m] = f[..., src:src + m, src:src + m]
-    resampled = torch.fft.fftshift(torch.fft.ifft2(torch.fft.ifftshift(out, dim=dims)), dim=dims)
-    return (resampled.real * (b * b / (d * d))).to(images.dtype)
-
-
-def fourier_crop(images: torch.Tensor, box_size: int) -> torch.Tensor:
-    """Downsample FFT-aligned `(..., D, D)` images to `(..., d, d)` by Fourier cropping
-    (:func:`fourier_resample`); the pixel size grows by D/d."""
-    return fourier_resample(images, box_size)
 
 
 def write_stack(path: str | Path, batches: Iterable[np.ndarray], n: int, box_size: int,
