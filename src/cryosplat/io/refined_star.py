@@ -17,6 +17,7 @@ import pandas as pd
 import starfile
 
 from cryosplat import geometry
+from cryosplat.errors import InputError
 from cryosplat.io.particles import Particles
 from cryosplat.io.star import ANGLE_COLUMNS
 from cryosplat.io.star_writer import particles_to_star_tables, write_star
@@ -35,6 +36,10 @@ def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.Dat
         tables = {k: (v.copy() if isinstance(v, pd.DataFrame) else v) for k, v in blocks.items()}
         particles = tables["particles"].iloc[:n].reset_index(drop=True)  # --max-particles
     else:
+        if refined.origin_scale is not None:
+            raise InputError(src, "its optics groups were rescaled to one pixel size; the refined "
+                                  "STAR can name the original stacks only for a RELION 3.1+ "
+                                  "input, whose optics table it keeps")
         images = refined.images
         names = [f"{int(s) + 1:06d}@{images.files[int(f)]}"
                  for f, s in zip(images.file_index, images.slice_index)]
@@ -52,8 +57,11 @@ def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.Dat
     euler = geometry.matrix_to_euler_relion(refined.rotations).numpy()
     for i, c in enumerate(ANGLE_COLUMNS):
         particles[c] = euler[:, i]
-    particles["rlnOriginXAngst"] = refined.shifts_A[:, 0].numpy()
-    particles["rlnOriginYAngst"] = refined.shifts_A[:, 1].numpy()
+    # in the file's own Å (rescaled groups carry their rounding as a scale: Particles.rescaled)
+    shifts = refined.shifts_A if refined.origin_scale is None else \
+        refined.shifts_A / refined.origin_scale[:, None]
+    particles["rlnOriginXAngst"] = shifts[:, 0].numpy()
+    particles["rlnOriginYAngst"] = shifts[:, 1].numpy()
     particles["rlnDefocusU"] = refined.ctf.defocus_u_A.numpy()
     particles["rlnDefocusV"] = refined.ctf.defocus_v_A.numpy()
     particles["rlnRandomSubset"] = np.asarray(half_set, dtype=np.int64)
