@@ -43,6 +43,28 @@ def truth_fsc(volume: Path, truth):
     return fsc(torch.from_numpy(mrcfile.read(volume).copy()), truth)
 
 
+def truth_figures(volume: Path, truth, box: int, pix: float) -> dict:
+    """A map's FSC against ``truth``: the 0.5 and 0.143 crossings (Å), the mean FSC and the
+    curve."""
+    import numpy as np
+
+    curve = truth_fsc(volume, truth).numpy()
+    return {**crossings(curve, box, pix), "mean_fsc": float(np.mean(curve[1:])),
+            "fsc_truth": [float(c) for c in curve]}
+
+
+def simulation_arguments(ap, particles: int, box: int, workdir: str) -> None:
+    """The options every simulate-and-reconstruct benchmark takes, with their defaults."""
+    ap.add_argument("--particles", type=int, default=particles)
+    ap.add_argument("--box", type=int, default=box)
+    ap.add_argument("--pixel-size", type=float, default=1.5)
+    ap.add_argument("--snr", type=float, default=0.05)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workdir", type=Path, default=Path(workdir))
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+
+
 def crossings(curve, box: int, pix: float) -> dict:
     """Where ``curve`` first falls below 0.143 and 0.5 (Å)."""
     from cryosplat.evaluate import resolution_A

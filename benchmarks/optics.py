@@ -28,11 +28,10 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import starfile
 import torch
-from _results import (HAVE_RELION, crossings, machine, relion_project_noisy, run_child,
-                      truth_fsc, write_json)
+from _results import (HAVE_RELION, machine, relion_project_noisy, run_child,
+                      simulation_arguments, truth_figures, write_json)
 
 from cryosplat.io import read_volume
 
@@ -56,22 +55,10 @@ def only(star: Path, keep, out: Path) -> Path:
     return without(star, [c for c in ABERRATION_COLUMNS if c not in keep], out)
 
 
-def figures(volume: Path, truth: torch.Tensor, box: int, pix: float) -> dict:
-    curve = truth_fsc(volume, truth).numpy()
-    return {**crossings(curve, box, pix), "mean_fsc": float(np.mean(curve[1:])),
-            "fsc_truth": [float(c) for c in curve]}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--particles", type=int, default=2000)
-    ap.add_argument("--box", type=int, default=64)
-    ap.add_argument("--pixel-size", type=float, default=1.5)
-    ap.add_argument("--snr", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cryosplat_optics_bench"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    simulation_arguments(ap, particles=2000, box=64, workdir="/tmp/cryosplat_optics_bench")
     args = ap.parse_args()
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cli = [sys.executable, "-m", "cryosplat"]
@@ -109,7 +96,7 @@ def main() -> None:
                                           *(["--device", args.device] if cmd == "reconstruct"
                                             else [])], env)
                 fig = {"wall_s": wall, "peak_rss_MiB": rss,
-                       **figures(out / "map.mrc", truth, box, pix)}
+                       **truth_figures(out / "map.mrc", truth, box, pix)}
                 row[f"{cmd}_{how}"] = fig
                 print(f"{name} {cmd} ({how}): {wall:.0f} s, FSC vs truth 0.5 {fig['0.5']:.2f} Å, "
                       f"0.143 {fig['0.143']:.2f} Å, mean {fig['mean_fsc']:.4f}", flush=True)
@@ -119,7 +106,7 @@ def main() -> None:
             _, wall, rss = run_child(["relion_reconstruct", "--i", str(modelled), "--o", str(out),
                                       "--ctf", "--angpix", str(pix)], env, cwd=sim)
             row["relion_reconstruct"] = {"wall_s": wall, "peak_rss_MiB": rss,
-                                         **figures(out, truth, box, pix)}
+                                         **truth_figures(out, truth, box, pix)}
             print(f"{name} relion_reconstruct: mean FSC "
                   f"{row['relion_reconstruct']['mean_fsc']:.4f}", flush=True)
         rows.append(row)

@@ -22,36 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
-from _results import (HAVE_RELION, crossings, machine, relion_project_noisy, run_child,
-                      truth_fsc, write_json)
+from _results import (HAVE_RELION, machine, relion_project_noisy, run_child,
+                      simulation_arguments, truth_figures, write_json)
 
 from cryosplat.io import read_volume
 from cryosplat.simulate import builtin_structure, symmetric_assembly
 from cryosplat.symmetry import symmetry_matrices
 
 
-def figures(volume: Path, truth: torch.Tensor, box: int, pix: float) -> dict:
-    curve = truth_fsc(volume, truth).numpy()
-    return {**crossings(curve, box, pix), "mean_fsc": float(np.mean(curve[1:])),
-            "fsc_truth": [float(c) for c in curve]}
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--group", default="D3")
     ap.add_argument("--wrong", default="D4")
-    ap.add_argument("--particles", type=int, default=1500)
-    ap.add_argument("--box", type=int, default=96)
-    ap.add_argument("--pixel-size", type=float, default=1.5)
-    ap.add_argument("--snr", type=float, default=0.05)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workdir", type=Path, default=Path("/tmp/cryosplat_symmetry_bench"))
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    simulation_arguments(ap, particles=1500, box=96, workdir="/tmp/cryosplat_symmetry_bench")
     args = ap.parse_args()
     env = {"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     cli = [sys.executable, "-m", "cryosplat"]
@@ -82,7 +68,7 @@ def main() -> None:
                                           "--force", "--datadir", str(sim), *extra,
                                           *(["--device", args.device] if cmd == "reconstruct"
                                             else [])], env)
-                fig = {"wall_s": wall, "peak_rss_MiB": rss, **figures(out / "map.mrc", truth,
+                fig = {"wall_s": wall, "peak_rss_MiB": rss, **truth_figures(out / "map.mrc", truth,
                                                                        box, pix)}
                 if cmd == "reconstruct":
                     s = json.loads((out / "summary.json").read_text())
@@ -98,7 +84,7 @@ def main() -> None:
                                       "--ctf", "--sym", args.group, "--angpix", str(pix)],
                                      env, cwd=sim)
             row[f"relion_reconstruct_{args.group}"] = {"wall_s": wall, "peak_rss_MiB": rss,
-                                                       **figures(out, truth, box, pix)}
+                                                       **truth_figures(out, truth, box, pix)}
             print(f"{simulator} relion_reconstruct --sym {args.group}: {wall:.0f} s, mean FSC "
                   f"{row[f'relion_reconstruct_{args.group}']['mean_fsc']:.4f}", flush=True)
         rows.append(row)

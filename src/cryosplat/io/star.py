@@ -201,8 +201,8 @@ def _optics_31(path: Path, optics_df: pd.DataFrame, particles: pd.DataFrame,
         if "rlnImageSize" in row.columns:
             box = _column(path, row, "rlnImageSize")[0]
         else:  # RELION 3.1 files converted from 3.0 may lack it: the stack header has it
-            first = 0 if group_of_row is None else np.nonzero(group_of_row == number)[0]
-            stack = files[file_index[int(np.atleast_1d(first)[0])]] if np.size(first) else files[0]
+            rows = np.arange(1) if group_of_row is None else np.nonzero(group_of_row == number)[0]
+            stack = files[file_index[rows[0]]] if rows.size else files[0]
             box = _box_from_header(path, stack, f"{where} lacks rlnImageSize")
             defaults[f"rlnImageSize (group {number})"] = f"{box} from the header of {stack}"
         if pix <= 0 or box < 2 or box != int(box):
