@@ -152,14 +152,13 @@ def _zernike_sum(coefficients: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor,
 
 
 def _frequencies_A(params: CTFParams, box_size: int, pixel_size_A) -> tuple[torch.Tensor, torch.Tensor]:
-    """``M k`` on the rfft grid, in cycles / Å: `(N, D, D//2+1)` x and y."""
+    """``M k`` on the rfft grid, in cycles / Å: x and y, `(N, D, D//2+1)` with a magnification
+    or per-particle pixel sizes, else `(D, D//2+1)` (one grid that broadcasts)."""
     dtype, device = params.defocus_u_A.dtype, params.defocus_u_A.device
     p = torch.as_tensor(pixel_size_A, dtype=dtype, device=device)
     k = rfft_frequencies_2d(box_size, 1.0, device=device, dtype=dtype)  # cycles / pixel
     k = k / (p[:, None, None, None] if p.ndim > 0 else p)  # cycles / Å
     ky, kx = k[..., 0], k[..., 1]
-    n = len(params)
-    kx, ky = kx.expand(n, *kx.shape[-2:]), ky.expand(n, *ky.shape[-2:])
     if params.mag_matrix is not None:
         m = params.mag_matrix.to(dtype)[:, :, :, None, None]
         kx, ky = m[:, 0, 0] * kx + m[:, 0, 1] * ky, m[:, 1, 0] * kx + m[:, 1, 1] * ky
