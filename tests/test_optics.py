@@ -23,7 +23,7 @@ from cryosplat.evaluate import fsc
 from cryosplat.fourier import rfft_frequencies_2d
 from cryosplat.gaussians import GaussianMixture, model_images, render_rfft
 from cryosplat.errors import InputError
-from cryosplat.io import read_particles
+from cryosplat.io import read_particles, write_particles
 from cryosplat.fourier import fourier_resample
 from cryosplat.simulate import (SimulationConfig, draw_parameters, forward_images, project,
                                 simulate_dataset)
@@ -284,6 +284,13 @@ def test_optics_groups_of_different_pixel_sizes_reconstruct_together(tmp_path):
 
     right = carried(ratio)
     assert right > carried(1.0) + 0.003 and right > carried(1 / ratio) + 0.003
+    # written out (cryosplat downsample), the rescaled set reads back as it is: one pixel
+    # size, the rounding in each group's rlnMagMat, the same map
+    star = write_particles(tmp_path / "one", p)
+    back = read_particles(star)
+    assert not back.needs_rescaling() and back.box_size == 80
+    torch.testing.assert_close(back.ctf.mag_matrix, p.ctf.mag_matrix, rtol=1e-5, atol=1e-6)
+    assert float(curve(back).min()) == pytest.approx(together, abs=1e-3)
 
 
 @pytest.mark.parametrize(("d", "b"), [(63, 64), (64, 63), (64, 32), (63, 31), (32, 65)])
