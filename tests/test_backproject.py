@@ -172,15 +172,17 @@ def test_map_matches_relion_reconstruct_on_relion_project_particles(tmp_path):
 
 @pytest.mark.parametrize("box", [31, 32])
 def test_noiseless_particles_give_the_map_in_odd_and_even_boxes(tmp_path, box):
-    """Noiseless particles reconstruct the truth to FSC > 0.95 out to 0.8 Nyquist: the padded
-    image, the padded volume and the crop share one centre (pixel D//2) for odd boxes too."""
+    """Noiseless particles reconstruct the truth to FSC > 0.995 out to 0.8 Nyquist: the padded
+    image, the padded volume and the crop share one centre (pixel D//2) for odd boxes too
+    (measured 0.9995 for both; 0.97 for box 31 while the simulator's truth and projections
+    were off-centre in odd boxes)."""
     cfg = SimulationConfig(n_particles=1500, box_size=box, pixel_size_A=3.0, snr=1e8,
                            max_shift_A=3.0, seed=6)
     sim = simulate_dataset(None, tmp_path, cfg)
     p = read_particles(sim["particles"])
     truth = torch.from_numpy(mrcfile.read(sim["ground_truth"]).copy())
     curve = fsc(backproject(p, p.half_set.numpy()).map, truth).numpy()
-    assert curve[1:int(0.8 * (box // 2)) + 1].min() > 0.95
+    assert curve[1:int(0.8 * (box // 2)) + 1].min() > 0.995
 
 
 @pytest.mark.parametrize(("d", "pad"), [(12, 2), (9, 2), (9, 1)])
