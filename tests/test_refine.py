@@ -20,6 +20,7 @@ from cryosplat.refine.search import (Pose, SearchConfig, alignment_points, as_sa
                                      refine_batch)
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig
+from cryosplat.train.distributed import leave_group
 from cryosplat.train.volume import PaddedTransform
 
 
@@ -126,12 +127,13 @@ def _refine_rank(rank: int, world: int, init_file: str, star: str, out: str) -> 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
-    try:
-        pose, history, models = _refine_small(read_particles(star))
-        torch.save({"pose": pose.tensors(), "models": [m.state_dict() for m in models],
-                    "history": history}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    pose, history, models = _refine_small(read_particles(star))
+    torch.save({"pose": pose.tensors(), "models": [m.state_dict() for m in models],
+                "history": history}, f"{out}.{rank}")
+    # as the commands leave: a barrier first, so that no rank tears its gloo pairs down while
+    # the other still holds them (a bare destroy aborted rank 1 once in CI: "terminate called
+    # without an active exception")
+    leave_group()
 
 
 def _refine_small(p):

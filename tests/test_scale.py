@@ -15,6 +15,7 @@ import torch
 from cryosplat.io import assign_half_sets, read_particles
 from cryosplat.train import (BatchStream, HalfSetTrainer, TrainConfig, batch_indices,
                              train_gold_standard)
+from cryosplat.train.distributed import leave_group
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 
 CFG = dict(n_gaussians=40, batch_size=8, epochs=2, eval_every=10**6, checkpoint_every=10**6,
@@ -63,7 +64,7 @@ def _rank_main(rank: int, world: int, init_file: str, star: str, out: str) -> No
                                              torch.device("cpu"), log=lambda m: None)
     if rank == 0:
         torch.save({"models": [t.model.state_dict() for t in trainers], "trace": trace}, out)
-    dist.destroy_process_group()
+    leave_group()  # a barrier, then destroy (as the commands leave)
 
 
 def test_two_gloo_ranks_give_the_mixture_of_one_process(small, tmp_path):
