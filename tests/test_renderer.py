@@ -67,8 +67,9 @@ def test_windows_follow_each_gaussians_size():
 
 @pytest.mark.parametrize("d", [32, 33])
 def test_render_equals_projection_of_the_voxelised_map(d):
-    """Against torch-fourier-slice (even box) and a real-space rotate-and-sum (both boxes):
-    pins the rotation convention (A, not A^T) and the pixel origin at D//2."""
+    """Against the simulator's projection (torch-fourier-slice, padded to the even box for odd
+    D, where its own projections are off-centre) and a real-space rotate-and-sum (both
+    boxes): pins the rotation convention (A, not A^T) and the pixel origin at D//2."""
     pix = 1.5
     gm = random_mixture(40, seed=10 + d, spread_A=12.0, scale_A=(1.5, 3.5))
     rot = geometry.random_rotations(6, torch.Generator().manual_seed(d)).double()
@@ -78,35 +79,19 @@ def test_render_equals_projection_of_the_voxelised_map(d):
         transposed = torch.fft.irfft2(gm.render_rfft(rot.transpose(-1, -2), d, pix), s=(d, d))
     half_px = geometry.translate_images(ours, torch.tensor([0.5 * pix, 0.0]).double(), pix)
     real = [real_space_projection(vol.numpy(), r.numpy()) for r in rot]
-    tfs = project_3d_to_2d(vol.float(), geometry.fourier_slice_matrices(rot).float())
+    sim = project(vol, rot).double()  # torch-fourier-slice itself for even D
+    raw = project_3d_to_2d(vol.float(), geometry.fourier_slice_matrices(rot).float()).double()
     for i in range(len(rot)):
         ref = torch.from_numpy(real[i])
         assert corr(ours[i], ref) > 0.995
+        assert corr(ours[i], sim[i]) > 0.999
         if d % 2 == 0:
-            assert corr(ours[i], tfs[i]) > 0.999
-            assert corr(half_px[i], tfs[i]) < corr(ours[i], tfs[i]) - 0.002
+            assert corr(half_px[i], sim[i]) < corr(ours[i], sim[i]) - 0.002
+    if d % 2:  # torch-fourier-slice on the odd box itself is off-centre
+        assert np.mean([corr(ours[i], raw[i]) for i in range(len(rot))]) < 0.999 - 0.002
     # the transposed rotation (a view near the identity or a half-turn can be close to its
     # own transpose) is far off on average
     assert np.mean([corr(transposed[i], torch.from_numpy(real[i])) for i in range(6)]) < 0.97
-
-
-@pytest.mark.parametrize("d", [32, 33])
-def test_the_simulators_projection_equals_the_render_in_odd_and_even_boxes(d):
-    """simulate.project (torch-fourier-slice, padded to an even box for odd D, whose
-    projections alone are off-centre) equals the renderer for both parities; torch-fourier-
-    slice on the odd box itself does not."""
-    pix = 1.5
-    gm = random_mixture(40, seed=20 + d, spread_A=12.0, scale_A=(1.5, 3.5))
-    rot = geometry.random_rotations(6, torch.Generator().manual_seed(d)).double()
-    with torch.no_grad():
-        vol = gm.voxelise(d, pix)
-        ours = torch.fft.irfft2(gm.render_rfft(rot, d, pix), s=(d, d))
-    sim = project(vol, rot).double()
-    raw = project_3d_to_2d(vol.float(), geometry.fourier_slice_matrices(rot).float()).double()
-    for i in range(len(rot)):
-        assert corr(ours[i], sim[i]) > 0.999
-    if d % 2:
-        assert np.mean([corr(ours[i], raw[i]) for i in range(len(rot))]) < 0.999 - 0.002
 
 
 def test_half_pixel_origin_of_a_single_gaussian():

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from cryosplat.errors import InputError
+from cryosplat.io.optics import MODELLED
 from cryosplat.io.particles import Particles, empty_half_set
 
 
@@ -87,7 +88,7 @@ def validation_checks(p: Particles) -> list[dict]:
                               else "")) if len(sizes) == 1
         else f"optics groups differ: {sizes} Å")
     for column, treatment in p.image_model.items():
-        add(f"column {column}", "ok" if treatment.startswith("modelled") else "warn", treatment)
+        add(f"column {column}", "ok" if treatment.startswith(MODELLED) else "warn", treatment)
     if p.ctf is not None and p.ctf.aberrations():
         add("higher-order optics", "ok", "modelled in the forward model and the direct "
                                          "inversion: " + ", ".join(p.ctf.aberrations()))

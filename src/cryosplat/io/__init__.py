@@ -54,12 +54,10 @@ def read_particles(path: str | Path, datadir: str | Path | None = None,
     if (poses is not None or ctf is not None) and suffix not in (".mrcs", ".mrc"):
         raise InputError(path, "--poses/--ctf pkls go with an .mrcs stack, not a "
                                f"{suffix} file, which carries its own")
-    given = "pixel size" not in particles.defaults or "--pixel-size" not in \
-        particles.defaults["pixel size"]
-    target = pixel_size_A if pixel_size_A is not None and given else None
-    if one_pixel_size and (particles.needs_rescaling() or (target is not None and any(
-            abs(o.pixel_size_A - target) > 1e-6 * target for o in particles.optics))):
-        particles = particles.rescaled(target)
+    # where --pixel-size gave the file's pixel size, every group already has it
+    if one_pixel_size and (particles.needs_rescaling() or (pixel_size_A is not None and any(
+            abs(o.pixel_size_A - pixel_size_A) > 1e-6 * pixel_size_A for o in particles.optics))):
+        particles = particles.rescaled(pixel_size_A)
     if invert:
         particles = replace(particles, invert=not particles.invert)
     if max_particles is not None:

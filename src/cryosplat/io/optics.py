@@ -18,7 +18,7 @@ import torch
 
 from cryosplat.errors import InputError
 
-MODELLED = "modelled"
+MODELLED = "modelled"  # how every modelled treatment below begins (validate: ok, else warn)
 # Column -> what cryosplat does with it. Columns not here do not change the image model.
 RELION_IMAGE_MODEL = {
     "rlnBeamTiltX": "modelled: beam tilt (mrad), the odd phase -2 pi Cs lambda^2 |k|^2 k.tilt",

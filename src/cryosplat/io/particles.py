@@ -121,7 +121,7 @@ class Particles:
         Each group's images are Fourier-padded or cropped to the box nearest its field of view
         at the target (:func:`cryosplat.io.mrc.rescaled_box`), then padded or cropped in real
         space to the largest such box. That box's true pixel ``p'`` differs from the target
-        ``p`` by the rounding (0.1% for 196 px from 1.25 to 1.24 Å); the difference is carried
+        ``p`` by the rounding (0.2% for 196 px from 1.25 to 1.24 Å: 198 px); the difference is carried
         exactly as an isotropic magnification ``p / p'`` (on top of the group's own
         rlnMagMat) and the origins in Å are scaled by the same factor, so that nothing is
         approximated beyond the Fourier interpolation itself."""
