@@ -14,8 +14,8 @@ import torch
 from torch_fourier_slice import insert_central_slices_rfft_3d
 
 from cryosplat import geometry
-from cryosplat.backproject import (Insertion, accumulators, backproject, corner_mask,
-                                   grid_view, hermitian_x0, insert_slices, invert, slice_points)
+from cryosplat.backproject import backproject, corner_mask, invert
+from cryosplat.fourier_slice import Insertion, PaddedGrid, hermitian_x0, slice_points
 from cryosplat.evaluate import fsc, resolution_A
 from cryosplat.fourier import rfft_radius_3d, shell_index_3d
 from cryosplat.gaussians import voxelise
@@ -39,9 +39,10 @@ def test_insert_slices_equals_torch_fourier_slice(p, nyquist_only):
                                                fftfreq_max=limit)
     ref_den, _ = insert_central_slices_rfft_3d(torch.fft.fftshift(c2.to(torch.complex64), dim=-2),
                                                (p, p, p), m, fftfreq_max=limit)
-    num, den = accumulators(p)
-    insert_slices(num, den, f, c2, m, slice_points(p, p / 2 if nyquist_only else None), p)
-    num, den = hermitian_x0(grid_view(num, p)), hermitian_x0(grid_view(den, p))
+    grid = PaddedGrid(p, p)
+    num, den = grid.accumulators()
+    grid.insert(num, den, f, c2, m.transpose(-1, -2), slice_points(p, p / 2 if nyquist_only else None))
+    num, den = hermitian_x0(grid.grid_view(num)), hermitian_x0(grid.grid_view(den))
     scale = float(ref_num.abs().max())
     assert scale > 1
     torch.testing.assert_close(num, ref_num, atol=1e-5 * scale, rtol=0)
@@ -70,9 +71,10 @@ def test_image_slices_land_at_twice_their_index_on_the_padded_grid(d):
                                                fftfreq_max=0.5)
     ref_den, _ = insert_central_slices_rfft_3d(torch.fft.fftshift(big_c2, dim=-2), (p, p, p), m,
                                                fftfreq_max=0.5)
-    num, den = accumulators(p)
-    insert_slices(num, den, f, c2, m, slice_points(d, d / 2), p)
-    num, den = hermitian_x0(grid_view(num, p)), hermitian_x0(grid_view(den, p))
+    grid = PaddedGrid(d, p)
+    num, den = grid.accumulators()
+    grid.insert(num, den, f, c2, m.transpose(-1, -2), slice_points(d, d / 2))
+    num, den = hermitian_x0(grid.grid_view(num)), hermitian_x0(grid.grid_view(den))
     assert float(ref_num.abs().max()) > 1
     torch.testing.assert_close(num, ref_num, atol=1e-5 * float(ref_num.abs().max()), rtol=0)
     torch.testing.assert_close(den, ref_den.real, atol=1e-5 * float(ref_den.abs().max()), rtol=0)
@@ -87,11 +89,12 @@ def test_insertion_index_is_exact_on_grids_past_float32_integers():
     f[0, 160, 7] = 1.0
     c2 = f.real.clone()
     m = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]]])
-    num, den = accumulators(p)
-    insert_slices(num, den, f, c2, m, slice_points(p, None), p)
-    num = grid_view(num, p)
+    grid = PaddedGrid(p, p)
+    num, den = grid.accumulators()
+    grid.insert(num, den, f, c2, m.transpose(-1, -2), slice_points(p, None))
+    num = grid.grid_view(num)
     assert num[330, 170, 7] == 1 and float(num.abs().sum()) == 1
-    assert grid_view(den, p)[330, 170, 7] == 1
+    assert grid.grid_view(den)[330, 170, 7] == 1
 
 
 def test_corners_beyond_half_the_box_are_masked_as_relion_does(tmp_path):

@@ -16,12 +16,11 @@ from cryosplat.errors import InputError
 from cryosplat.io import assign_half_sets, read_particles, read_volume, write_particles
 from cryosplat.geometry import rotation_angle_deg
 from cryosplat.refine.loop import RefineConfig, input_pose, refine_gold_standard
-from cryosplat.refine.search import (Pose, SearchConfig, alignment_points, as_sampled,
-                                     refine_batch)
+from cryosplat.fourier_slice import PaddedGrid, as_sampled
+from cryosplat.refine.search import Pose, SearchConfig, alignment_points, refine_batch
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig
 from cryosplat.train.distributed import leave_group
-from cryosplat.train.volume import PaddedTransform
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def _search(sim, start: Pose, cfg: SearchConfig, n: int = 64) -> Pose:
     p = read_particles(sim["particles"]).first(n)
     truth = torch.from_numpy(read_volume(sim["ground_truth"])[0])
     d, pix = p.box_size, float(p.pixel_size_A[0])
-    volume = as_sampled(PaddedTransform(d, 2 * d, -1)(truth))
+    volume = as_sampled(PaddedGrid(d, 2 * d).transform(truth, -1))
     points = alignment_points(d, d // 2)
     f = torch.fft.rfft2(torch.fft.ifftshift(p.read_images(np.arange(n)), dim=(-2, -1)))
     data = f.reshape(n, -1)[:, points.flat]

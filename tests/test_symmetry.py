@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from cryosplat.backproject import Insertion, invert, symmetrise
+from cryosplat.backproject import invert
+from cryosplat.fourier_slice import Insertion
 from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc
 from cryosplat.gaussians import GaussianMixture
@@ -99,7 +100,7 @@ def test_symmetrised_sums_give_the_average_of_the_symmetry_copies(symbol):
     m = _mixture()
     with torch.no_grad():
         average = m.voxelise(32, 2.0, s.float()) / len(s)
-        symmetric = invert(symmetrise(_insertion(m.voxelise(32, 2.0)), s), 0.0)
+        symmetric = invert(_insertion(m.voxelise(32, 2.0)).symmetrise(s), 0.0)
     expected = invert(_insertion(average), 0.0)
     assert float((symmetric - expected).norm() / expected.norm()) < 0.03
     assert float(fsc(symmetric, expected)[:12].min()) > 0.995
@@ -193,7 +194,7 @@ def test_symmetric_fits_keep_the_half_sets_apart():
     def sums(seed: int):
         with torch.no_grad():
             v = _mixture(seed).voxelise(32, 2.0, s)
-        return [(symmetrise(_insertion(v), s), None)]
+        return [(_insertion(v).symmetrise(s), None)]
 
     def fit(half_2_seed: int):
         fits = make_fits(sums(0) + sums(half_2_seed), cfg, 2.0, torch.device("cpu"),

@@ -16,9 +16,9 @@ from cryosplat.io import assign_half_sets, read_particles, read_volume
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig
 from cryosplat.train.seeding import own_support, seed_mixture
-from cryosplat.train.volume import (AccumulatedObjective, PaddedTransform,
-                                    fit_gold_standard_volume,
-                                    make_fits, split_held_out)
+from cryosplat.fourier_slice import PaddedGrid
+from cryosplat.train.volume import (AccumulatedObjective, fit_gold_standard_volume, make_fits,
+                                    split_held_out)
 
 
 def _data(tmp_path_factory, name, **kw):
@@ -228,7 +228,7 @@ def test_the_axis_by_axis_padded_transform_is_the_padded_rfftn(box, gridding):
     padded box, to the power +1 for the objective, -1 for slice extraction), zero-pad with
     voxel D//2 at the padded origin, rfftn of the whole padded box, fftshift along z and y."""
     p = 2 * box
-    transform = PaddedTransform(box, p, gridding)
+    grid = PaddedGrid(box, p)
     vol = torch.randn(box, box, box, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     k = (torch.arange(box) - box // 2) % p
     s = torch.sinc(torch.fft.fftfreq(p, dtype=torch.float64)[k]) ** (2 * gridding)
@@ -236,7 +236,7 @@ def test_the_axis_by_axis_padded_transform_is_the_padded_rfftn(box, gridding):
     pad[k[:, None, None], k[None, :, None], k[None, None, :]] = (
         vol * s[:, None, None] * s[None, :, None] * s[None, None, :])
     expected = torch.fft.fftshift(torch.fft.rfftn(pad), dim=(0, 1))
-    torch.testing.assert_close(transform(vol), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(grid.transform(vol, gridding), expected, rtol=1e-9, atol=1e-9)
 
 
 def test_a_random_start_is_calibrated_on_its_own_sums_and_then_fits(clean):

@@ -25,8 +25,9 @@ from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, SymO
                                join_processes, new_or_resumed, numbers, particle_options)
 from cryosplat.io.mrc import read_map_like
 from cryosplat.postprocess.run import postprocess_files, write_postprocess
-from cryosplat.run import (ParticleSource, RunConfig, load_run, prepare_out_dir,
-                           run_backprojection, run_reconstruction, start_reconstruction)
+from cryosplat.baseline import run_backprojection
+from cryosplat.run import load_run, prepare_out_dir, run_reconstruction, start_reconstruction
+from cryosplat.run_config import ParticleSource, RunConfig
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.symmetry import symmetry_matrices
 from cryosplat.terminal import (console, print_checks, print_demo, print_info,

@@ -8,8 +8,10 @@ from pathlib import Path
 
 from cryosplat.io import assign_half_sets, read_particles
 from cryosplat.io.atomic import write_json
-from cryosplat.run import (ProgressFactory, RunConfig, no_progress, run_backprojection,
-                           run_reconstruction)
+from cryosplat.baseline import Baseline, run_backprojection
+from cryosplat.progress import ProgressFactory, no_progress
+from cryosplat.run import run_reconstruction
+from cryosplat.run_config import RunConfig
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 
 
@@ -40,5 +42,5 @@ def run_demo(out: Path, n_particles: int, device: str,
     rec.mkdir(exist_ok=True)
     write_json(rec / "config.json", config.to_dict())
     s = run_reconstruction(p, half, rec, config, progress=progress,
-                           baseline=(bp, (bp_result.half_map_1, bp_result.half_map_2)))
+                           baseline=Baseline(bp, (bp_result.half_map_1, bp_result.half_map_2)))
     return s, bp, cfg

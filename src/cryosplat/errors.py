@@ -4,7 +4,7 @@ expected and what was found. The command line prints it without a traceback."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,17 @@ def malformed(source: str | Path, what: str) -> Iterator[None]:
     except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError,
             EOFError) as e:
         raise InputError(source, f"malformed {what} ({type(e).__name__}: {e})") from None
+
+
+@contextmanager
+def stage(doing: str, log: Callable[[str], None], then: str | None = None) -> Iterator[None]:
+    """Log why a run stopped ``doing`` something, then let the exception go on: one line,
+    ``stopped DOING: TYPE: MESSAGE`` and ``; THEN`` (what the user can do: ``--resume``)."""
+    try:
+        yield
+    except BaseException as e:
+        log(f"stopped {doing}: {type(e).__name__}: {e}" + (f"; {then}" if then else ""))
+        raise
 
 
 def exit_status(e: BaseException) -> tuple[int, str] | None:

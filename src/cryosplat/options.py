@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 
 from cryosplat.errors import InputError
-from cryosplat.run import ParticleSource
+from cryosplat.run_config import ParticleSource
 from cryosplat.train.distributed import init_distributed, launch_torchrun
 
 PARTICLES_HELP = "Particles: .star, .cs, or .mrcs with --poses/--ctf"

@@ -21,7 +21,7 @@ err_console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(description: str, total: int, completed: int = 0) -> Iterator:
-    """A :data:`cryosplat.run.ProgressFactory` drawing a rich bar on stderr; yields
+    """A :data:`cryosplat.progress.ProgressFactory` drawing a rich bar on stderr; yields
     ``advance(n, info="")``."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TextColumn("{task.fields[info]}"), TimeRemainingColumn(),

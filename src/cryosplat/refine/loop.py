@@ -23,17 +23,19 @@ import torch
 
 from cryosplat.backproject import insert_particles
 from cryosplat.errors import InputError
+from cryosplat.fourier_slice import PaddedGrid, as_sampled
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.geometry import rotation_angle_deg
 from cryosplat.io import Particles
-from cryosplat.io.atomic import atomic_path
 from cryosplat.refine.search import (Pose, SearchConfig, alignment_limit, alignment_points,
-                                     as_sampled, refine_batch)
+                                     refine_batch)
 from cryosplat.symmetry import symmetry_or_none
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.distributed import (all_reduce_sum, barrier, broadcast_object,
                                          rank_and_world)
-from cryosplat.train.volume import (HalfSetVolumeFit, PaddedTransform, make_fits, split_held_out)
+from cryosplat.train.checkpoint import save_state
+from cryosplat.train.halves import step_halves
+from cryosplat.train.volume import HalfSetVolumeFit, make_fits, split_held_out
 
 
 @dataclass
@@ -128,7 +130,7 @@ def search_half(p: Particles, indices: np.ndarray, ref: HalfReference, pose: Pos
     model ``ref``. Returns (their new poses, float64 on the CPU, and their scores `(n,)`)."""
     d, pix = p.box_size, p.require_single_pixel_size()
     with torch.no_grad():
-        volume = as_sampled(PaddedTransform(d, 2 * d, -1, device)(ref.volume.to(device)))
+        volume = as_sampled(PaddedGrid(d, 2 * d, device).transform(ref.volume.to(device), -1))
     points = alignment_points(d, ref.limit_shell, device)
     ctf = p.require_ctf()
     out, score = [pose[torch.from_numpy(indices[:0])]], [torch.zeros(0, dtype=torch.float64)]
@@ -178,11 +180,8 @@ def fit_halves(p: Particles, half: np.ndarray, halves: tuple[int, ...], train: T
     else:
         fits = [HalfSetVolumeFit(models[h - 1], tr, held, train, h, pix, device)
                 for h, (tr, held) in zip(halves, ins)]
-    while not all(f.done for f in fits):
-        for f in fits:
-            if not f.done:
-                f.train_step()
-        advance(1)
+    step_halves(fits, train.eval_every, train.checkpoint_every, on_step=lambda _: advance(1),
+                log=log)
     return fits
 
 
@@ -198,7 +197,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
     on every process; only rank 0 logs, shows progress and writes the checkpoint. The result
     does not depend on `W` (the same fits, the same batches).
 
-    ``progress(description, total, completed)`` is a :data:`cryosplat.run.ProgressFactory`
+    ``progress(description, total, completed)`` is a :data:`cryosplat.progress.ProgressFactory`
     or None. Returns (the refined poses of all `N` particles, one statistics row per
     iteration, the half-sets' mixtures of the last iteration), on every process."""
     if not train.holdout_fraction > 0:
@@ -258,9 +257,8 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
         pose = new
         models = [GaussianMixture.from_raw(**refs[h].model) for h in (1, 2)]
         if checkpoint is not None and rank == 0:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"iteration": it, "history": history, "pose": pose.tensors(),
-                            "models": [refs[h].model for h in (1, 2)]}, tmp)
+            save_state(checkpoint, {"iteration": it, "history": history, "pose": pose.tensors(),
+                                    "models": [refs[h].model for h in (1, 2)]})
         barrier()
     return pose, history, models
 

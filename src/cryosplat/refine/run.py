@@ -12,16 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cryosplat.errors import InputError
 from cryosplat.io.refined_star import write_refined_star
 from cryosplat.refine.loop import (RefineConfig, input_pose, pose_changes, refine_gold_standard,
                                    with_poses)
 from cryosplat.report import plot_pose_changes
-from cryosplat.run import (ProgressFactory, RunConfig, no_progress, run_reconstruction,
-                           start_reconstruction)
+from cryosplat.progress import ProgressFactory, no_progress
+from cryosplat.run import run_reconstruction, start_reconstruction
+from cryosplat.run_config import RunConfig
 from cryosplat.train import TrainConfig, rank_and_world, resolve_device
+from cryosplat.train.checkpoint import load_state
 from cryosplat.train.distributed import leave_group
 
 CHECKPOINT = "refine_checkpoint.pt"
@@ -49,7 +50,7 @@ def load_refine_run(folder: Path) -> tuple[RefineRunConfig, dict | None]:
         raise InputError(folder / "config.json", "is a reconstruct run's; continue it with "
                                                   "cryosplat reconstruct --resume")
     ckpt = folder / CHECKPOINT
-    state = torch.load(ckpt, weights_only=True) if ckpt.is_file() else None
+    state = load_state(ckpt) if ckpt.is_file() else None
     return RefineRunConfig.from_dict(d), state
 
 

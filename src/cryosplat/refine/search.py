@@ -11,7 +11,7 @@ transform translated by ``+origin`` (centred), ``CTF`` the particle's CTF at the
 defocus, ``k`` runs over the rfft2 points within the alignment limit and ``w_k`` is 2 (each
 point also stands for its Friedel mate), 1 at the origin. The slices are read by trilinear
 interpolation from the model's 2x padded 3D transform, made after dividing the map by the
-gridding function (:class:`cryosplat.train.volume.PaddedTransform` with ``gridding=-1``), so
+gridding function (:meth:`cryosplat.fourier_slice.PaddedGrid.transform` with ``gridding=-1``), so
 a slice is the mixture's projection: the same renderer, through the Fourier slice theorem,
 at a cost per candidate that does not grow with the number of Gaussians.
 
@@ -29,12 +29,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 
 from cryosplat import geometry
-from cryosplat.backproject import slice_points
 from cryosplat.ctf import CTFParams, transfer_rfft
-from cryosplat.fourier import shell_index_3d
+from cryosplat.fourier_slice import PaddedGrid, slice_points
 from cryosplat.train.volume import AccumulatedObjective
 
 _GRID3 = torch.stack(torch.meshgrid(*[torch.tensor([-1.0, 0.0, 1.0])] * 3, indexing="ij"),
@@ -96,36 +94,12 @@ def alignment_points(box_size: int, limit_shell: int, device=None) -> Points:
 
 
 def extract_slices(volume: torch.Tensor, rotations: torch.Tensor, points: Points) -> torch.Tensor:
-    """The model's central slices at ``points``, by trilinear interpolation
-    (``grid_sample``: 2x faster on a CPU than eight gathers, and differentiable in the
-    sample positions).
-
-    Parameters
-    ----------
-    volume: `(1, 2, P, P, P//2+1)` real, :func:`as_sampled` of a map's padded transform.
-    rotations: `(..., 3, 3)` RELION matrices: the slice point ``(kx, ky)`` is the map's
-        frequency ``A^T (kx, ky, 0)``.
-    points: the slice points (frequency in cycles per pixel of the `D` box).
-
-    Returns
-    -------
-    `(..., K)` complex, differentiable in ``rotations``. Corners off the grid read 0.
-    """
-    p = volume.shape[2]
-    w = p // 2 + 1
-    m = geometry.fourier_slice_matrices(rotations).to(volume.dtype) * p
-    ky, kx = points.frequency[:, 0], points.frequency[:, 1]
-    xyz = m[..., None, :, 0] * kx[:, None] + m[..., None, :, 1] * ky[:, None]  # (..., K, 3)
-    flip = xyz[..., 0] < 0  # the rfft half: read conj(F(-k))
-    xyz = torch.where(flip[..., None], -xyz, xyz)
-    # grid_sample's (x, y, z) in [-1, 1] over (W, H, D), corners aligned; y, z fftshifted
-    scale = xyz.new_tensor([2.0 / (w - 1), 2.0 / (p - 1), 2.0 / (p - 1)])
-    centre = 2.0 * (p // 2) / (p - 1) - 1
-    g = xyz * scale + xyz.new_tensor([-1.0, centre, centre])
-    out = F.grid_sample(volume, g.reshape(1, -1, 1, 1, 3), mode="bilinear",
-                        padding_mode="zeros", align_corners=True)[0, :, :, 0, 0]
-    out = torch.complex(out[0], out[1]).reshape(xyz.shape[:-1])
-    return torch.where(flip, out.conj(), out)
+    """The model's central slices at ``points``: `(..., K)` complex, differentiable in
+    ``rotations`` `(..., 3, 3)` (RELION matrices), read from ``volume`` `(1, 2, P, P, P//2+1)`
+    (:func:`~cryosplat.fourier_slice.as_sampled` of the model's padded transform) by
+    :meth:`cryosplat.fourier_slice.PaddedGrid.extract`."""
+    grid = PaddedGrid(points.box_size, volume.shape[2], volume.device)
+    return grid.extract(volume, rotations, points.frequency)
 
 
 def _imaged(rotations: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
@@ -133,12 +107,6 @@ def _imaged(rotations: torch.Tensor, ctf: CTFParams) -> torch.Tensor:
     (:func:`cryosplat.geometry.image_matrices`)."""
     mag = ctf.mag_matrix
     return geometry.image_matrices(rotations, None if mag is None else mag[:, None])
-
-
-def as_sampled(transform: torch.Tensor) -> torch.Tensor:
-    """A padded transform `(P, P, P//2+1)` complex (fftshifted along z and y) as
-    :func:`extract_slices` reads it: `(1, 2, P, P, P//2+1)` real and imaginary parts."""
-    return torch.view_as_real(transform).permute(3, 0, 1, 2)[None].contiguous()
 
 
 def ctf_at(ctf: CTFParams, defocus_change_A: torch.Tensor, points: Points,
@@ -304,9 +272,9 @@ def alignment_limit(tapered_transform: torch.Tensor, held_out: AccumulatedObject
     transform of the model (:class:`~cryosplat.train.volume.AccumulatedObjective`). The limit
     is the shell before the first two consecutive shells (3-shell running mean) below
     ``threshold``, at least 3 and at most D//2. Returns (the limit, r `(D//2+1,)`)."""
-    d, p = held_out.box_size, held_out.padded_size
+    d = held_out.box_size
     power, cross = held_out.terms(tapered_transform)
-    shell = (shell_index_3d(p, fftshifted=True, device=power.device) + 1) // 2
+    shell = (held_out.grid.shells() + 1) // 2
     n = d // 2 + 1
     inside = shell < n
     sums = [torch.zeros(n, dtype=torch.float64, device=power.device).index_add_(

@@ -9,7 +9,7 @@ torch.distributed each rank takes every ``world``-th particle of each global bat
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,8 +19,18 @@ from cryosplat.io.particles import Particles
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.distributed import rank_and_world
 
-if TYPE_CHECKING:  # for annotations only: the trainer imports this module
-    from cryosplat.train.trainer import HalfSetTrainer
+
+
+class BatchSource(Protocol):
+    """What :class:`BatchStream` reads batches for (a
+    :class:`~cryosplat.train.trainer.HalfSetTrainer`): the particles, one half-set's indices
+    into them, the settings that draw its batches, its half-set and its device."""
+
+    p: Particles
+    indices: np.ndarray
+    cfg: TrainConfig
+    half: int
+    device: torch.device
 
 
 def steps_per_epoch(n_particles: int, batch_size: int) -> int:
@@ -59,7 +69,7 @@ def total_steps(half_set: np.ndarray, cfg: TrainConfig) -> int:
 class _StepImages(torch.utils.data.Dataset):
     """Item ``i``: this rank's images of each trainer's batch ``first_step + i``."""
 
-    def __init__(self, trainers: list["HalfSetTrainer"], first_step: int, last_step: int):
+    def __init__(self, trainers: list[BatchSource], first_step: int, last_step: int):
         self.p = trainers[0].p
         self.selectors = [(t.indices, t.cfg.batch_size, t.cfg.seed, t.half) for t in trainers]
         self.first, self.last = first_step, last_step
@@ -84,7 +94,7 @@ class BatchStream:
     A bad image (NaN pixels, a truncated stack) raises the reader's own InputError here, not
     the DataLoader's wrapped RuntimeError with a worker's traceback."""
 
-    def __init__(self, trainers: list["HalfSetTrainer"], first_step: int, last_step: int,
+    def __init__(self, trainers: list[BatchSource], first_step: int, last_step: int,
                  workers: int = 1, prefetch: int = 2):
         ds = _StepImages(trainers, first_step, last_step)
         kw = dict(num_workers=workers, prefetch_factor=prefetch,

@@ -12,12 +12,14 @@ unfiltered own map's positive density, one per ``1 / per_voxel`` voxels of suppo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from cryosplat.backproject import Insertion, invert
-from cryosplat.errors import InputError
+from cryosplat.backproject import invert
+from cryosplat.fourier_slice import Insertion
+from cryosplat.errors import InputError, StageError
 from cryosplat.evaluate import lowpass, spherical_mask
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.train.config import TrainConfig
@@ -61,6 +63,22 @@ def random_mixture(cfg: TrainConfig, box_size: int, voxel_size_A: float,
         radius_A = min(radius_A, cfg.support_radius_A)
     return GaussianMixture.random(cfg.n_gaussians, radius_A, cfg.init_scale_px * voxel_size_A,
                                   generator=torch.Generator().manual_seed(cfg.seed * 1000 + half))
+
+
+def checked_amplitude_scale(scale: float, half: int, source: str | None = None) -> float:
+    """``scale``, the least-squares factor that fits a random start's amplitudes to its
+    half-set's data (either objective), if it is positive. NaN or Inf: a
+    :class:`~cryosplat.errors.StageError` of the calibration stage (the data or the render hold
+    NaN/Inf); not positive: an :class:`~cryosplat.errors.InputError` naming ``source`` (the
+    molecule is dark in the images: ``--invert``)."""
+    if not math.isfinite(scale):
+        raise StageError("calibration", f"half-set {half}: the images or the render hold "
+                                        f"NaN/Inf (amplitude scale {scale})")
+    if not scale > 0:
+        raise InputError(source, f"half-set {half}: the particles anti-correlate with a random "
+                                 f"positive density (scale {scale:.3g}); the molecule looks "
+                                 "dark: try --invert")
+    return scale
 
 
 def seed_mixture(support: Support, voxel_size_A: float, per_voxel: float, scale_px: float,

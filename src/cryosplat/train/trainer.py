@@ -11,14 +11,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cryosplat.errors import InputError, StageError
+from cryosplat.errors import StageError
 from cryosplat.fourier import shell_index_2d
 from cryosplat.gaussians import GaussianMixture, model_images, model_images_rfft
 from cryosplat.io.particles import Particles
 from cryosplat.train.batches import batch_indices
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS, DensifyStrategy, rebuild
-from cryosplat.train.seeding import random_mixture
+from cryosplat.train.seeding import checked_amplitude_scale, random_mixture
 from cryosplat.train.distributed import all_reduce_sum, rank_and_world
 
 
@@ -26,8 +26,12 @@ class HalfSetTrainer:
     """A Gaussian mixture fitted to one half-set with Adam; deterministic for its seed.
 
     The batch order is :func:`~cryosplat.train.batches.batch_indices`, so a run resumed at
-    step ``s`` sees exactly the batches an uninterrupted run would.
+    step ``s`` sees exactly the batches an uninterrupted run would. It runs ``total_steps``
+    steps (a :class:`~cryosplat.train.halves.HalfSetFit`, with no early stop).
     """
+
+    loss_names = ("loss",)
+    stop_reason: str | None = None
 
     def __init__(self, particles: Particles, indices: np.ndarray, cfg: TrainConfig, half: int,
                  total_steps: int, device: torch.device):
@@ -100,14 +104,8 @@ class HalfSetTrainer:
         """Scale the amplitudes so that the first batch's render best fits its images."""
         data, model = self._images(self.local_batch(0))
         sums = all_reduce_sum(torch.stack([(model * data).sum(), (model * model).sum()]).double())
-        scale = float(sums[0] / sums[1].clamp_min(1e-30))
-        if not np.isfinite(scale):
-            raise StageError("calibration", f"half-set {self.half}: the first batch's images or "
-                                            f"render hold NaN/Inf (amplitude scale {scale})")
-        if not scale > 0:
-            raise InputError(self.p.source, f"half-set {self.half}: the images anti-correlate "
-                                            f"with a random positive density (scale {scale:.3g})"
-                                            "; the molecule looks dark: try --invert")
+        scale = checked_amplitude_scale(float(sums[0] / sums[1].clamp_min(1e-30)), self.half,
+                                        self.p.source)
         self.model.scale_amplitudes(scale)
         self.calibrated = True
         self._volume = None
@@ -167,12 +165,24 @@ class HalfSetTrainer:
             self.densify_and_prune()
         return float(loss.detach())
 
+    @property
+    def done(self) -> bool:
+        """All ``total_steps`` steps taken."""
+        return self.step >= self.total_steps
+
+    def step_once(self, data: torch.Tensor | None = None) -> dict[str, float]:
+        """:meth:`train_step` as the half-set driver takes it: ``{"loss": ...}``."""
+        return {"loss": self.train_step(data)}
+
     def state_dict(self) -> dict:
+        """The mixture, Adam's state, the step, the calibration, the Fourier loss's noise
+        spectrum and the densification's gradient statistics."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "calibrated": self.calibrated,
                 "noise_power": self.noise_power, "grad_accum": self.grad_accum}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict` (a densified one: rebuilt at its size first)."""
         n = state["model"]["means_A"].shape[0]
         if n != len(self.model):  # densified: rebuild at the checkpoint's size first
             empty = torch.zeros(len(self.model), dtype=torch.bool, device=self.device)

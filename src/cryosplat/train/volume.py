@@ -9,7 +9,8 @@ quadratic in the 3D transform of ``V``:
 with ``B = sum_i CTF_i F_i`` and ``W = sum_i CTF_i²`` inserted on the 2x padded grid: exactly
 the sums that direct inversion accumulates (:func:`cryosplat.backproject.insert_particles`).
 Trilinear insertion multiplies the real-space map by the separable sinc² of the padded box,
-so the model is multiplied by it too before its transform (:class:`AccumulatedObjective`).
+so the model is multiplied by it too before its transform (:class:`AccumulatedObjective`, on
+the grid of :mod:`cryosplat.fourier_slice`).
 One evaluation costs a voxelisation and one padded FFT, whatever the particle count, and it
 sees every particle of the half-set at once: the gradient has no mini-batch noise.
 
@@ -23,67 +24,29 @@ held-out loss is kept (:class:`HalfSetVolumeFit`).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from cryosplat.backproject import Insertion
 from cryosplat.errors import StageError
-from cryosplat.evaluate import evaluate_maps, spherical_mask
+from cryosplat.evaluate import spherical_mask
+from cryosplat.fourier_slice import Insertion, PaddedGrid
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.io.mrc import write_volume
 from cryosplat.symmetry import symmetry_matrices, symmetry_or_none
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS
-from cryosplat.train.loop import save_checkpoint
-from cryosplat.train.seeding import own_support, random_mixture, seed_mixture
-
-
-class PaddedTransform:
-    """The padded rfftn `(P, P, P//2+1)` of `(D, D, D)` box maps (voxel D//2 at the padded
-    origin), fftshifted along z and y as the insertions are, after multiplying the map by
-    the trilinear gridding function (the separable sinc² of the padded box) to the power
-    ``gridding``: +1 models what trilinear *insertion* accumulates (the objective's model),
-    -1 pre-corrects a map whose slices are *extracted* by trilinear interpolation (pose
-    search), 0 is the plain transform."""
-
-    def __init__(self, box_size: int, padded_size: int, gridding: int = 1, device=None):
-        d, p = box_size, padded_size
-        self.box_size, self.padded_size = d, p
-        self.keep = (torch.arange(d, device=device) - d // 2) % p  # box voxel -> padded index
-        s = torch.sinc(torch.fft.fftfreq(p, device=device, dtype=torch.float64)[self.keep])
-        s = s ** (2 * gridding)
-        # (-1)^n on padded voxel n fftshifts an even axis's transform: z and y get it here
-        sign = 1.0 - 2.0 * (self.keep % 2).to(s.dtype) if p % 2 == 0 else None
-        zy = s if sign is None else s * sign
-        self.taper = zy[:, None, None] * zy[None, :, None] * s[None, None, :]
-        self._shifted_by_sign = sign is not None
-
-    def __call__(self, volume: torch.Tensor) -> torch.Tensor:
-        """The transform of ``volume`` `(D, D, D)`. One axis at a time (x, y, then z),
-        padding each just before its transform: the zeros of the padded box are never
-        transformed along an axis where they stay zero, which is 0.6x the work of an
-        ``rfftn`` of the whole padded box."""
-        p, d, k = self.padded_size, self.box_size, self.keep
-        x = volume.new_zeros(d, d, p)
-        x[..., k] = volume * self.taper.to(volume.dtype)
-        f = torch.fft.rfft(x, dim=2)  # (D, D, P//2+1)
-        y = f.new_zeros(d, p, f.shape[2])
-        y[:, k] = f
-        f = torch.fft.fft(y, dim=1)  # (D, P, P//2+1)
-        z = f.new_zeros(p, p, f.shape[2])
-        z[k] = f
-        f = torch.fft.fft(z, dim=0)
-        return f if self._shifted_by_sign else torch.fft.fftshift(f, dim=(0, 1))
+from cryosplat.train.halves import Record, map_evaluator, step_halves
+from cryosplat.train.seeding import (checked_amplitude_scale, own_support, random_mixture,
+                                     seed_mixture)
 
 
 class AccumulatedObjective:
     """:math:`L(V)` of the module docstring for one insertion. The insertion's grids are used
     as they are (fftshifted along z and y, not copied: at box 256 each is 0.8 GB); the
-    model's transform (:class:`PaddedTransform` with the gridding function) is shifted to
+    model's transform (:meth:`transform`, with the gridding function) is shifted to
     match."""
 
     def __init__(self, ins: Insertion):
@@ -96,9 +59,14 @@ class AccumulatedObjective:
         self.hermitian[0] = 1.0
         if p % 2 == 0:
             self.hermitian[-1] = 1.0
-        self.transform = PaddedTransform(d, p, 1, dev)
+        self.grid = PaddedGrid(d, p, dev)
         # per unit of sum CTF²: the loss is a mean squared residual per Fourier sample
         self.norm = 1.0 / float((self.denominator * self.hermitian).sum().clamp_min(1e-30))
+
+    def transform(self, volume: torch.Tensor) -> torch.Tensor:
+        """The model's transform as the sums hold it: ``volume`` `(D, D, D)` times the
+        gridding function, on the padded grid (:meth:`PaddedGrid.transform`, gridding +1)."""
+        return self.grid.transform(volume, 1)
 
     def terms(self, transform: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(W |V^|², Re(conj(V^) B))`` of a model's :meth:`transform`, each counted with
@@ -116,7 +84,10 @@ class AccumulatedObjective:
 
 class HalfSetVolumeFit:
     """One half-set's mixture fitted by Adam to :class:`AccumulatedObjective` of its
-    training particles, stopped on the held-out particles' loss (module docstring)."""
+    training particles, stopped on the held-out particles' loss (module docstring); a
+    :class:`~cryosplat.train.halves.HalfSetFit`."""
+
+    loss_names = ("loss", "held_out_loss")
 
     def __init__(self, model: GaussianMixture, train: Insertion, held_out: Insertion | None,
                  cfg: TrainConfig, half: int, voxel_size_A: float, device: torch.device):
@@ -144,7 +115,13 @@ class HalfSetVolumeFit:
 
     @property
     def done(self) -> bool:
+        """Stopped by its rule or by ``max_steps`` (:attr:`stop_reason` says which)."""
         return self.stop_reason is not None
+
+    def step_once(self, data: torch.Tensor | None = None) -> dict[str, float]:
+        """:meth:`train_step` as the half-set driver takes it (``data`` is unused: the fit
+        takes its insertion's sums)."""
+        return dict(zip(self.loss_names, self.train_step()))
 
     def _voxelise(self) -> torch.Tensor:
         return self.model.voxelise(self.d, self.pix, self.symmetry,
@@ -206,6 +183,7 @@ class HalfSetVolumeFit:
         self.stop_reason = f"{reason}; kept step {self.best_step}"
 
     def state_dict(self) -> dict:
+        """The mixture, Adam's state and the stopping rule's state (with the best mixture)."""
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "step": self.step, "lr_factor": self.lr_factor, "cuts": self.cuts,
                 "best": self.best, "first": self.first, "best_step": self.best_step,
@@ -213,6 +191,7 @@ class HalfSetVolumeFit:
                 "stop_reason": self.stop_reason}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a :meth:`state_dict`."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         for k in ("step", "lr_factor", "cuts", "best", "first", "best_step", "best_state",
@@ -243,17 +222,15 @@ def split_held_out(indices: np.ndarray, fraction: float, seed: int, half: int
 @torch.no_grad()
 def calibrate_amplitudes(model: GaussianMixture, objective: AccumulatedObjective,
                          voxel_size_A: float, n_sigma: float,
-                         symmetry: torch.Tensor | None = None) -> float:
+                         symmetry: torch.Tensor | None = None, half: int = 1) -> float:
     """Scale the amplitudes to the least-squares optimum of ``objective`` (a random start's
-    amplitudes are in no unit of the data). Returns the factor."""
+    amplitudes are in no unit of the data), refused as
+    :func:`~cryosplat.train.seeding.checked_amplitude_scale` refuses it for half-set ``half``.
+    Returns the factor."""
     t = objective.transform(model.voxelise(objective.box_size, voxel_size_A, symmetry,
                                            n_sigma=n_sigma))
     power, cross = (float(x.sum()) for x in objective.terms(t))
-    scale = cross / max(power, 1e-30)
-    if not scale > 0:
-        raise StageError("calibration", f"the particles anti-correlate with a positive density "
-                                        f"(scale {scale:.3g}); the molecule looks dark: try "
-                                        "--invert")
+    scale = checked_amplitude_scale(cross / max(power, 1e-30), half)
     model.scale_amplitudes(scale)
     return scale
 
@@ -295,7 +272,8 @@ def make_fits(insertions: list[tuple[Insertion, Insertion | None]], cfg: TrainCo
         if resume is not None:
             fit.load_state_dict(resume["halves"][h - 1])
         elif cfg.init == "random":
-            calibrate_amplitudes(fit.model, fit.objective, pix, cfg.volume_n_sigma, fit.symmetry)
+            calibrate_amplitudes(fit.model, fit.objective, pix, cfg.volume_n_sigma, fit.symmetry,
+                                 h)
         fits.append(fit)
     return fits
 
@@ -304,46 +282,21 @@ def fit_gold_standard_volume(fits: list[HalfSetVolumeFit], cfg: TrainConfig,
                              truth: torch.Tensor | None = None,
                              references: tuple[torch.Tensor, torch.Tensor] | None = None,
                              checkpoint_path: str | Path | None = None,
-                             history: list[dict] | None = None,
-                             trace: list[list[float]] | None = None, elapsed_s: float = 0.0,
+                             record: Record | None = None, elapsed_s: float = 0.0,
                              progress: Callable[[int, list[float]], None] | None = None,
                              log: Callable[[str], None] = print, config: dict | None = None
-                             ) -> tuple[list[dict], list[list[float]]]:
-    """Step both half-sets' fits until each has stopped (its own rule), evaluating both
-    every ``cfg.eval_every`` steps and at the end (:func:`cryosplat.evaluate.evaluate_maps`:
-    half-map FSC, against ``truth``, and cross-validated against ``references``) and
-    checkpointing every ``cfg.checkpoint_every``. The half-sets never meet: each step and
-    each stopping decision uses one half-set's own sums. Returns (history, trace)."""
-    history, trace = list(history or []), list(trace or [])
-    t0 = time.perf_counter() - elapsed_s
-    pix = fits[0].pix
-    last = [[math.nan, math.nan], [math.nan, math.nan]]
-
-    def evaluate() -> None:
-        e = evaluate_maps(fits[0].volume(), fits[1].volume(), pix, truth, references,
-                          masked=False)
-        row = {"step": max(f.step for f in fits), "time_s": time.perf_counter() - t0,
-               "loss_1": last[0][0], "loss_2": last[1][0], "held_out_loss_1": last[0][1],
-               "held_out_loss_2": last[1][1], **e.headline()}
-        history.append(row)
-        log(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                     for k, v in row.items()))
-
-    while not all(f.done for f in fits):
-        for i, f in enumerate(fits):
-            if not f.done:
-                last[i] = list(f.train_step())
-                if f.done:
-                    log(f"half-set {f.half} stopped at step {f.step}: {f.stop_reason}")
-        step = max(f.step for f in fits)
-        trace.append([step, last[0][0], last[1][0], last[0][1], last[1][1]])
+                             ) -> Record:
+    """Step both half-sets' fits until each has stopped (its own rule) with the half-set
+    driver (:func:`cryosplat.train.halves.step_halves`), evaluating both every
+    ``cfg.eval_every`` steps and at the end (half-map FSC, against ``truth``, and
+    cross-validated against ``references``) and checkpointing every ``cfg.checkpoint_every``.
+    The half-sets never meet: each step and each stopping decision uses one half-set's own
+    sums. ``record``: a resumed run's history and trace; ``progress(1, held-out losses)``
+    follows each step. Returns the :class:`~cryosplat.train.halves.Record`."""
+    def on_step(last: list[dict[str, float]]) -> None:
         if progress is not None:
-            progress(1, [last[0][1], last[1][1]])
-        finished = all(f.done for f in fits)
-        if step % cfg.eval_every == 0 or finished:
-            evaluate()
-        if checkpoint_path is not None and (step % cfg.checkpoint_every == 0 or finished):
-            save_checkpoint(checkpoint_path, fits, history, trace, config or {})
-    if not history or history[-1]["step"] != max(f.step for f in fits):
-        evaluate()
-    return history, trace
+            progress(1, [x["held_out_loss"] for x in last])
+
+    return step_halves(fits, cfg.eval_every, cfg.checkpoint_every,
+                       map_evaluator(fits[0].pix, truth, references), checkpoint_path, config,
+                       None, on_step, log, record, elapsed_s)
