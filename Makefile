@@ -17,7 +17,10 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# lint and type-check first (seconds), then the tests
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)

@@ -18,7 +18,6 @@ difference is in Fourier shells, positive where cryosplat's map crosses further 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import mrcfile
 import starfile
 import torch
+
 from _results import (
     HAVE_RELION,
     crossings,
@@ -36,6 +36,7 @@ from _results import (
     truth_fsc,
     write_json,
 )
+from cryosplat.summary import BackprojectionSummary
 
 
 def simulate(kind: str, work: Path, n: int, args, env: dict) -> tuple[Path, Path, dict]:
@@ -95,9 +96,10 @@ def main() -> None:
             _, wall, rss = run_child([sys.executable, "-m", "cryosplat", "backproject", str(star),
                                       "--out", str(out), "--max-particles", str(n), "--truth",
                                       str(truth_path), "--force"], env)
-            s = json.loads((out / "summary.json").read_text())
+            s = BackprojectionSummary.read(out / "summary.json")
             row = {"simulator": kind, "particles": n, "wall_s": wall, "peak_rss_MiB": rss,
-                   "particles_per_s": n / wall, "half_map_resolution_A": s["half_map_resolution_A"],
+                   "particles_per_s": n / wall,
+                   "half_map_resolution_A": s.headline.half_map_resolution_A,
                    "truth_fsc": truth_fsc(out / "map.mrc", truth).tolist()}
             row["truth_resolution_A"] = crossings(torch.tensor(row["truth_fsc"]), box, pix)
             line = (f"{kind:9} {n:>6}: cryosplat {wall:6.1f} s {rss:6.0f} MiB, vs truth "

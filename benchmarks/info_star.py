@@ -12,11 +12,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _results import machine, run_child, write_json
-
 import numpy as np
 import pandas as pd
 import starfile
+
+from _results import machine, run_child, write_json
 
 
 def write_big_star(path: Path, n: int, seed: int = 0) -> None:
@@ -24,10 +24,12 @@ def write_big_star(path: Path, n: int, seed: int = 0) -> None:
     optics = pd.DataFrame({"rlnOpticsGroup": [1, 2], "rlnOpticsGroupName": ["g1", "g2"],
                            "rlnImagePixelSize": [1.1, 1.3], "rlnImageSize": [256, 256],
                            "rlnImageDimensionality": [2, 2], "rlnVoltage": [300.0, 200.0],
-                           "rlnSphericalAberration": [2.7, 2.7], "rlnAmplitudeContrast": [0.1, 0.1]})
+                           "rlnSphericalAberration": [2.7, 2.7],
+                           "rlnAmplitudeContrast": [0.1, 0.1]})
     stack = rng.integers(0, 500, n)
     parts = pd.DataFrame({
-        "rlnImageName": [f"{i % 200 + 1:06d}@Extract/job012/mic{s:04d}.mrcs" for i, s in enumerate(stack)],
+        "rlnImageName": [f"{i % 200 + 1:06d}@Extract/job012/mic{s:04d}.mrcs"
+                         for i, s in enumerate(stack)],
         "rlnAngleRot": rng.uniform(-180, 180, n), "rlnAngleTilt": rng.uniform(0, 180, n),
         "rlnAnglePsi": rng.uniform(-180, 180, n), "rlnOriginXAngst": rng.normal(0, 3, n),
         "rlnOriginYAngst": rng.normal(0, 3, n), "rlnDefocusU": rng.uniform(8000, 30000, n),

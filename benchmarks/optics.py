@@ -30,9 +30,16 @@ from pathlib import Path
 
 import starfile
 import torch
-from _results import (HAVE_RELION, machine, relion_project_noisy, run_child,
-                      simulation_arguments, truth_figures, write_json)
 
+from _results import (
+    HAVE_RELION,
+    machine,
+    relion_project_noisy,
+    run_child,
+    simulation_arguments,
+    truth_figures,
+    write_json,
+)
 from cryosplat.io import read_volume
 
 OPTICS = {"--beam-tilt": "1.0,-0.6", "--odd-zernike": "0,0,150,0,0,100",

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from _results import machine, run_child, write_json
+from cryosplat.summary import BackprojectionSummary
 
 
 def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: str,
@@ -35,8 +36,7 @@ def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: s
     stops at the first evaluation after ``time_limit_s``."""
     import torch
 
-    from cryosplat.io import read_particles, read_volume
-    from cryosplat.io import assign_half_sets
+    from cryosplat.io import assign_half_sets, read_particles, read_volume
     from cryosplat.train import TrainConfig, resolve_device, train_gold_standard
 
     p = read_particles(sim / "particles.star")
@@ -49,9 +49,10 @@ def train_one(sim: Path, n_gauss: int, epochs: float, eval_every: int, device: s
         return row["time_s"] >= time_limit_s or (target is not None and reached(row, *target))
 
     t0 = time.perf_counter()
-    trainers, history, _ = train_gold_standard(p, assign_half_sets(p, 0), cfg, resolve_device(device),
-                                        truth=truth.to(torch.float32), log=lambda m: None,
-                                        references=refs, stop_when=stop_when)
+    trainers, history, _ = train_gold_standard(p, assign_half_sets(p, 0), cfg,
+                                               resolve_device(device),
+                                               truth=truth.to(torch.float32), log=lambda m: None,
+                                               references=refs, stop_when=stop_when)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"gaussians": n_gauss, "densify": densify,
            "final_gaussians": [len(t.model) for t in trainers], "epochs": epochs,
@@ -106,13 +107,13 @@ def main() -> None:
     _, bp_wall, bp_rss = run_child([*cli, "backproject", str(sim / "particles.star"), "--out",
                                     str(work / "bp"), "--truth", str(sim / "ground_truth.mrc"),
                                     "--force"])
-    bp = json.loads((work / "bp" / "summary.json").read_text())
-    bp["wall_s"] = bp_wall
-    bp["peak_rss_MiB"] = bp_rss
-    target, target_05 = bp["truth_resolution_A_0.143"], bp["truth_resolution_A_0.5"]
-    print(f"baseline (direct Fourier inversion): {bp['wall_s']:.0f} s, peak RSS "
+    bp_summary = BackprojectionSummary.read(work / "bp" / "summary.json")
+    bp = {**bp_summary.to_json(), "wall_s": bp_wall, "peak_rss_MiB": bp_rss}
+    head = bp_summary.headline
+    target, target_05 = head.truth_resolution_A_0143, head.truth_resolution_A_05
+    print(f"baseline (direct Fourier inversion): {bp_wall:.0f} s, peak RSS "
           f"{bp_rss:.0f} MiB; vs truth {target:.2f} Å "
-          f"(0.143) {target_05:.2f} Å (0.5), half-maps {bp['half_map_resolution_A']:.2f} Å",
+          f"(0.143) {target_05:.2f} Å (0.5), half-maps {head.half_map_resolution_A:.2f} Å",
           flush=True)
     rows = []
     runs = [(m, False) for m in args.gaussians] + [(m, True) for m in args.gaussians
@@ -132,7 +133,8 @@ def main() -> None:
         when = (f"reached the baseline after {row['time_to_baseline_s']:.0f} s"
                 if hits else "did not reach the baseline")
         label = f"{m} -> {'/'.join(map(str, row['final_gaussians']))} (densify)" if dens else str(m)
-        print(f"{label:>6} Gaussians: {row['wall_s']:.0f} s, peak RSS {row['peak_rss_MiB']:.0f} MiB; "
+        print(f"{label:>6} Gaussians: {row['wall_s']:.0f} s, peak RSS "
+              f"{row['peak_rss_MiB']:.0f} MiB; "
               f"last vs truth {last['truth_resolution_A_0.143']:.2f} Å (0.143) "
               f"{last['truth_resolution_A_0.5']:.2f} Å (0.5), half-maps "
               f"{last['half_map_resolution_A']:.2f} Å; {when} "

@@ -4,9 +4,9 @@ For each dataset (a folder with ``particles.star`` holding the true poses and
 ``ground_truth.mrc``, e.g. one of benchmarks/suite.py's ``sim`` folders), it takes the
 particles ``relion_project`` made where the folder has them (``relion.star``, same poses and
 CTF; suite.py's relion_project datasets), else ``particles.star`` (``cryosplat simulate``'s
-images), and writes a copy of that STAR with every particle's pose perturbed by a random rotation of 2-5 degrees, an origin
-move of 1-2 Å and a defocus change of 200-500 Å (U and V together; seeded), then runs, each as
-its own process with ``--threads`` threads:
+images), and writes a copy of that STAR with every particle's pose perturbed by a random
+rotation of 2-5 degrees, an origin move of 1-2 Å and a defocus change of 200-500 Å (U and V
+together; seeded), then runs, each as its own process with ``--threads`` threads:
 
 1. ``cryosplat reconstruct`` from the true poses (the target map);
 2. ``cryosplat reconstruct`` from the perturbed poses (the damage);
@@ -35,10 +35,11 @@ from pathlib import Path
 import numpy as np
 import starfile
 import torch
-from _results import crossings, machine, run_child, shells, truth_fsc, write_json
 
+from _results import crossings, machine, run_child, shells, truth_fsc, write_json
 from cryosplat import geometry
 from cryosplat.io import read_particles, read_volume
+from cryosplat.summary import Headline, RunSummary
 
 
 def perturb(src: Path, dst: Path, seed: int = 0) -> None:
@@ -77,9 +78,9 @@ def errors(star: Path, truth_star: Path, n: int) -> dict:
 
 def map_figures(folder: Path, truth: torch.Tensor, box: int, pix: float) -> dict:
     curve = truth_fsc(folder / "map.mrc", truth).numpy()
-    s = json.loads((folder / "summary.json").read_text())
+    s = Headline.from_json(json.loads((folder / "summary.json").read_text()))
     return {**crossings(curve, box, pix), "mean_fsc": float(np.mean(curve[1:])),
-            "half_map_A": s["half_map_resolution_A"], "fsc_truth": [float(c) for c in curve]}
+            "half_map_A": s.half_map_resolution_A, "fsc_truth": [float(c) for c in curve]}
 
 
 def main() -> None:
@@ -99,7 +100,8 @@ def main() -> None:
         work = args.workdir / sim.parent.name
         work.mkdir(parents=True, exist_ok=True)
         truth = sim / "ground_truth.mrc"
-        true_star = sim / "relion.star" if (sim / "relion.star").is_file() else sim / "particles.star"
+        true_star = (sim / "relion.star" if (sim / "relion.star").is_file()
+                     else sim / "particles.star")
         perturbed = work / "perturbed.star"
         perturb(true_star, perturbed)
         p = read_particles(true_star).first(args.particles)
@@ -124,7 +126,7 @@ def main() -> None:
                                      {"OMP_NUM_THREADS": each, "MKL_NUM_THREADS": each})
             fig = {"wall_s": wall, "peak_rss_MiB": rss, **map_figures(out, gt, box, pix)}
             if cmd == "refine":
-                s = json.loads((out / "summary.json").read_text())["refinement"]
+                s = RunSummary.read(out / "summary.json").refinement
                 fig["errors_before"] = errors(star, true_star, args.particles)
                 fig["errors_after"] = errors(out / "particles.star", true_star, args.particles)
                 fig["iterations"] = [{k: v for k, v in it.items() if k not in ("half_1", "half_2")}
@@ -136,7 +138,8 @@ def main() -> None:
                   + (f"; errors {fig['errors_before']} -> {fig['errors_after']}"
                      if "errors_after" in fig else ""), flush=True)
         ref, t = row["refine_perturbed"], row["reconstruct_true"]
-        row["angle_error_fold"] = ref["errors_before"]["angle_deg"] / ref["errors_after"]["angle_deg"]
+        row["angle_error_fold"] = (ref["errors_before"]["angle_deg"]
+                                   / ref["errors_after"]["angle_deg"])
         row["shells_refined_vs_true_0.5"] = shells(ref["0.5"], t["0.5"], box, pix)
         row["shells_refined_vs_true_0.143"] = shells(ref["0.143"], t["0.143"], box, pix)
         if "refine_true" in row:

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from _results import machine, run_child, write_json
+from cryosplat.summary import RunSummary
 
 
 def peak_rss_MiB() -> float:
@@ -65,8 +66,7 @@ def single_read(star: Path, mmap: bool) -> dict:
     import numpy as np
     import torch
 
-    from cryosplat.io import read_particles
-    from cryosplat.io import assign_half_sets
+    from cryosplat.io import assign_half_sets, read_particles
     from cryosplat.train import BatchStream, HalfSetTrainer, TrainConfig
 
     p = read_particles(star)
@@ -102,8 +102,7 @@ def single_read(star: Path, mmap: bool) -> dict:
 def single_train(star: Path, steps: int, gaussians: int) -> dict:
     import torch
 
-    from cryosplat.io import read_particles
-    from cryosplat.io import assign_half_sets
+    from cryosplat.io import assign_half_sets, read_particles
     from cryosplat.train import TrainConfig, total_steps, train_gold_standard
 
     p = read_particles(star)
@@ -153,7 +152,7 @@ def main() -> None:
     result = {"box_size": args.box, **machine(), "cpus": os.cpu_count(),
               "gaussians": args.gaussians, "memory": [], "ranks": []}
     me = [sys.executable, __file__]
-    for label, star, n in (("small", small, args.small), ("large", large, n_large)):
+    for _label, star, n in (("small", small, args.small), ("large", large, n_large)):
         row = {"particles": n}
         for what in ("read", "mmap", "train"):
             out, _, _ = run_child([*me, "--single", what, "--star", str(star / "particles.star"),
@@ -168,8 +167,9 @@ def main() -> None:
     base = None
     for r in args.ranks:
         folder = work / f"ranks_{r}"
-        from cryosplat.train import TrainConfig, total_steps
         import numpy as np
+
+        from cryosplat.train import TrainConfig, total_steps
 
         half = np.tile([1, 2], args.small // 2 + 1)[: args.small]
         epochs = args.steps / total_steps(half, TrainConfig(epochs=1.0))
@@ -178,13 +178,13 @@ def main() -> None:
                                 "--epochs", f"{epochs:.6f}", "--no-validate", "--no-densify",
                                 "--device", "cpu", "--force"],
                                env={"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // r))})
-        s = json.loads((folder / "summary.json").read_text())
-        rate = 2 * 32 * s["steps"] / s["train_time_s"]
+        s = RunSummary.read(folder / "summary.json")
+        rate = 2 * 32 * s.steps / s.train_time_s
         base = base or rate
-        row = {"ranks": r, "steps": s["steps"], "train_time_s": s["train_time_s"],
+        row = {"ranks": r, "steps": s.steps, "train_time_s": s.train_time_s,
                "wall_s": wall, "particles_per_s": rate, "efficiency": rate / (r * base)}
         result["ranks"].append(row)
-        print(f"{r} rank(s): {rate:.1f} particles/s over {s['steps']} steps "
+        print(f"{r} rank(s): {rate:.1f} particles/s over {s.steps} steps "
               f"({s['train_time_s']:.0f} s of training, {wall:.0f} s with start-up and outputs); "
               f"efficiency {row['efficiency']:.2f}", flush=True)
     write_json(result, args.out, "scale_cpu.json")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import mrcfile
 import torch
+
 from _results import (
     HAVE_RELION,
     crossings,
@@ -51,8 +52,8 @@ from _results import (
     truth_fsc,
     write_json,
 )
-
 from cryosplat.evaluate import fsc, spherical_mask
+from cryosplat.summary import BackprojectionSummary, RunSummary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "structures"
 MDA = "MDAnalysisTests==2.11.0"
@@ -102,7 +103,8 @@ def structure_path(name: str, cache: Path) -> Path | None:
                 sys.exit(f"could not fetch {MDA} for {member}:\n{r.stderr[-2000:]}")
         sdist = next(cache.glob("mdanalysistests-*.tar.gz"))
         with tarfile.open(sdist) as tar:
-            found = [m for m in tar.getmembers() if m.name.endswith(f"MDAnalysisTests/data/{member}")]
+            found = [m for m in tar.getmembers()
+                     if m.name.endswith(f"MDAnalysisTests/data/{member}")]
             if not found:
                 sys.exit(f"{sdist} has no MDAnalysisTests/data/{member}")
             target.write_bytes(tar.extractfile(found[0]).read())
@@ -138,25 +140,25 @@ def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool
 
     _, wall, rss = run_child([*cs, "backproject", str(star), "--out", str(d / "backproject"),
                               "--truth", str(truth_path), "--force"], env)
-    s = json.loads((d / "backproject" / "summary.json").read_text())
+    b = BackprojectionSummary.read(d / "backproject" / "summary.json")
     curves["backproject"] = truth_fsc(d / "backproject" / "map.mrc", truth)
     row["backproject"] = {"wall_s": wall, "peak_rss_MiB": rss,
                           "truth_resolution_A": crossings(curves["backproject"], box, pix),
-                          "half_map_resolution_A": s["half_map_resolution_A"]}
+                          "half_map_resolution_A": b.headline.half_map_resolution_A}
 
     if gaussians:
         _, wall, rss = run_child([*cs, "reconstruct", str(star), "--out", str(d / "reconstruct"),
                                   "--truth", str(truth_path), "--force"], env)
-        s = json.loads((d / "reconstruct" / "summary.json").read_text())
+        s = RunSummary.read(d / "reconstruct" / "summary.json")
         curves["reconstruct"] = truth_fsc(d / "reconstruct" / "map.mrc", truth)
         g = crossings(curves["reconstruct"], box, pix)
         row["reconstruct"] = {
-            "wall_s": wall, "peak_rss_MiB": rss, "steps": s["steps"], "truth_resolution_A": g,
-            "objective": s.get("objective"), "gaussians": s.get("gaussians"),
-            "stopped": s.get("stopped"), "train_time_s": s["train_time_s"],
-            "half_map_resolution_A": s["half_map_resolution_A"],
-            "cross_validated_resolution_A": s["cross_validated_resolution_A"],
-            "cross_validated_is_limit": s["cross_validated_is_limit"]}
+            "wall_s": wall, "peak_rss_MiB": rss, "steps": s.steps, "truth_resolution_A": g,
+            "objective": s.objective, "gaussians": s.gaussians, "stopped": s.stopped,
+            "train_time_s": s.train_time_s,
+            "half_map_resolution_A": s.headline.half_map_resolution_A,
+            "cross_validated_resolution_A": s.headline.cross_validated_resolution_A,
+            "cross_validated_is_limit": s.headline.cross_validated_is_limit}
         support_A = json.loads((d / "reconstruct" / "config.json").read_text())["train"][
             "support_radius_A"]
         if support_A > 0:
@@ -243,8 +245,9 @@ def summary_line(rows: list[dict]) -> str:
     if not scored:
         return "no dataset ran the Gaussians"
     worst = min(scored, key=lambda r: r["gaussian_shells_beyond_direct"]["0.5"])
-    line = (f"worst: {worst['name']}, the Gaussian map {worst['gaussian_shells_beyond_direct']['0.5']:+.1f}"
-            f" shells from direct inversion at FSC 0.5 vs truth "
+    line = (f"worst: {worst['name']}, the Gaussian map "
+            f"{worst['gaussian_shells_beyond_direct']['0.5']:+.1f} shells from direct inversion "
+            f"at FSC 0.5 vs truth "
             f"({worst['reconstruct']['truth_resolution_A']['0.5']:.2f} against "
             f"{worst['backproject']['truth_resolution_A']['0.5']:.2f} Å)")
     masked = [r for r in scored if "gaussian_mean_fsc_minus_direct_in_own_supports" in r]
@@ -255,8 +258,8 @@ def summary_line(rows: list[dict]) -> str:
     timed = [r for r in scored if "reconstruct_wall_ratio_to_relion" in r]
     if timed:
         slow = max(timed, key=lambda r: r["reconstruct_wall_ratio_to_relion"])
-        line += (f"; slowest: {slow['name']}, reconstruct {slow['reconstruct_wall_ratio_to_relion']:.0f}x "
-                 f"relion_reconstruct")
+        line += (f"; slowest: {slow['name']}, reconstruct "
+                 f"{slow['reconstruct_wall_ratio_to_relion']:.0f}x relion_reconstruct")
     return line
 
 

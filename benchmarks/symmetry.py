@@ -20,17 +20,23 @@ particle count. Writes ``symmetry_<device>.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import torch
-from _results import (HAVE_RELION, machine, relion_project_noisy, run_child,
-                      simulation_arguments, truth_figures, write_json)
 
+from _results import (
+    HAVE_RELION,
+    machine,
+    relion_project_noisy,
+    run_child,
+    simulation_arguments,
+    truth_figures,
+    write_json,
+)
 from cryosplat.io import read_volume
 from cryosplat.simulate import builtin_structure, symmetric_assembly
+from cryosplat.summary import RunSummary
 from cryosplat.symmetry import symmetry_matrices
-
 
 
 def main() -> None:
@@ -71,8 +77,7 @@ def main() -> None:
                 fig = {"wall_s": wall, "peak_rss_MiB": rss, **truth_figures(out / "map.mrc", truth,
                                                                        box, pix)}
                 if cmd == "reconstruct":
-                    s = json.loads((out / "summary.json").read_text())
-                    fig["gaussians"] = s["gaussians"]
+                    fig["gaussians"] = RunSummary.read(out / "summary.json").gaussians
                 row[f"{cmd}_{sym}"] = fig
                 print(f"{simulator} {cmd} --sym {sym}: {wall:.0f} s, FSC vs truth 0.5 "
                       f"{fig['0.5']:.2f} Å, 0.143 {fig['0.143']:.2f} Å, mean {fig['mean_fsc']:.4f}"

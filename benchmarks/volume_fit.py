@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _results import machine, write_json
 
+from _results import machine, write_json
 from cryosplat.backproject import insert_particles
 from cryosplat.io import assign_half_sets, read_particles
 from cryosplat.simulate import SimulationConfig, simulate_dataset

@@ -4,6 +4,7 @@ cycle, imports at the top of modules, and every module named in the architecture
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cryosplat"
@@ -99,3 +100,67 @@ def test_architecture_page_names_every_module():
     missing = [n for n in modules() if n != "__init__" and not n.endswith("__main__")
                and f"{n.replace('.', '/')}" not in text]
     assert missing == []
+
+
+def documented_layers() -> list[list[str]]:
+    """The numbered layer list of docs/architecture.md, top first, as dotted module names."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text[text.index("## Layers"):]
+    section = section[:section.index("\n## ")] if "\n## " in section[3:] else section
+    layers = []
+    for line in section.splitlines():
+        m = re.match(r"\d+\. (.*)", line)
+        if m:
+            layers.append([n.replace("/", ".") for n in re.findall(r"`([^`]+)`", m.group(1))])
+    return layers
+
+
+def test_every_import_goes_down_the_documented_layers():
+    """docs/architecture.md's layers hold every module once, and no module imports one of a
+    layer above its own (a module placed wrongly, or a new arrow up, fails here)."""
+    layers = documented_layers()
+    level = {n: i for i, names in enumerate(layers) for n in names}
+    listed = [n for names in layers for n in names]
+    assert len(listed) == len(set(listed)), "a module is listed in two layers"
+    mods = {n for n in modules() if n != "__init__"}
+    assert mods - set(level) == set(), "modules missing from docs/architecture.md's layers"
+    assert set(level) - mods == set(), "layers name modules that do not exist"
+    up = [f"{n} (layer {level[n] + 1}) imports {m} (layer {level[m] + 1})"
+          for n, p in modules().items() if n != "__init__"
+          for m in module_imports(n, p)[0] if m != "__init__" and level[m] < level[n]]
+    assert up == []
+    # the check can fail: the CLI is above everything it runs
+    assert level["cli"] < level["run"] < level["train"] < level["fourier_slice"]
+
+
+def test_every_public_definition_has_a_docstring():
+    """Every public function, class and method of the package says what it does."""
+    missing = []
+    for name, path in modules().items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+
+        def visit(node, prefix: str) -> None:
+            for c in node.body:
+                if isinstance(c, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    if c.name.startswith("_"):
+                        continue
+                    if ast.get_docstring(c) is None:
+                        missing.append(f"{name}.{prefix}{c.name}")
+                    if isinstance(c, ast.ClassDef):
+                        visit(c, f"{c.name}.")
+
+        visit(tree, "")
+        if ast.get_docstring(tree) is None and not name.endswith("__main__"):
+            missing.append(f"{name} (module)")
+    assert missing == []
+
+
+def test_frequency_grids_are_built_in_their_two_homes():
+    """FFT frequency grids come from fourier.py (the box's) and fourier_slice.py (the padded
+    grid's) only, so each convention is written once."""
+    homes = {"fourier", "fourier_slice"}
+    builders = sorted(n for n, p in modules().items()
+                      if re.search(r"\bfftfreq\(|\brfftfreq\(", p.read_text(encoding="utf-8"))
+                      and n not in homes)
+    assert builders == []
+    assert "fftfreq(" in (SRC / "fourier_slice.py").read_text(encoding="utf-8")

@@ -15,9 +15,9 @@ from torch_fourier_slice import insert_central_slices_rfft_3d
 
 from cryosplat import geometry
 from cryosplat.backproject import backproject, corner_mask, invert
-from cryosplat.fourier_slice import Insertion, PaddedGrid, hermitian_x0, slice_points
 from cryosplat.evaluate import fsc, resolution_A
 from cryosplat.fourier import rfft_radius_3d, shell_index_3d
+from cryosplat.fourier_slice import Insertion, PaddedGrid, hermitian_x0, slice_points
 from cryosplat.gaussians import voxelise
 from cryosplat.io import read_particles
 from cryosplat.io.mrc import write_volume

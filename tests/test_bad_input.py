@@ -15,7 +15,6 @@ import mrcfile
 import numpy as np
 import pytest
 import starfile
-
 from conftest import make_truth, random_images, write_cryodrgn, write_cs, write_stack, write_star31
 
 

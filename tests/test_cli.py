@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import make_truth, write_cs, write_star31
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -74,7 +73,6 @@ def test_downsample_writes_relion_31_and_refuses_to_overwrite(tmp_path):
 def test_validate_reports_every_check_and_fails_on_what_reconstruction_needs(tmp_path):
     import pandas as pd
     import starfile
-
     from conftest import random_images
 
     t = make_truth(n=12, box=16, two_groups=False)

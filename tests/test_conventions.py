@@ -10,12 +10,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import real_space_projection
 from scipy.spatial.transform import Rotation
 from torch_ctf import calculate_ctf_2d
 from torch_fourier_shift import fourier_shift_image_2d
 from torch_fourier_slice import project_3d_to_2d
-
-from conftest import real_space_projection
 
 from cryosplat import fourier, geometry
 from cryosplat.ctf import CTFParams, ctf_rfft, electron_wavelength_A

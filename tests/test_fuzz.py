@@ -8,10 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_truth, write_cryodrgn, write_cs, write_star31
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import make_truth, write_cryodrgn, write_cs, write_star31
 from cryosplat.errors import InputError
 from cryosplat.io import read_particles
 from cryosplat.io.cryodrgn import load_arrays_pkl, read_ctf_pkl, read_poses_pkl

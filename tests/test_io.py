@@ -10,9 +10,16 @@ import numpy as np
 import pytest
 import starfile
 import torch
+from conftest import (
+    make_truth,
+    random_images,
+    write_cryodrgn,
+    write_cs,
+    write_stack,
+    write_star30,
+    write_star31,
+)
 
-from conftest import (make_truth, random_images, write_cryodrgn, write_cs, write_stack,
-                      write_star30, write_star31)
 from cryosplat.errors import InputError
 from cryosplat.io import read_particles, write_particles
 from cryosplat.io.cryodrgn import load_arrays_pkl

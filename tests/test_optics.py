@@ -17,16 +17,28 @@ import torch
 
 from cryosplat import geometry
 from cryosplat.backproject import backproject
-from cryosplat.ctf import (CTFParams, ctf_rfft, electron_wavelength_A, even_index_to_mn,
-                           odd_index_to_mn, odd_phase_rfft, transfer_rfft, zernike)
-from cryosplat.evaluate import fsc
-from cryosplat.fourier import rfft_frequencies_2d
-from cryosplat.gaussians import GaussianMixture, model_images, render_rfft
+from cryosplat.ctf import (
+    CTFParams,
+    ctf_rfft,
+    electron_wavelength_A,
+    even_index_to_mn,
+    odd_index_to_mn,
+    odd_phase_rfft,
+    transfer_rfft,
+    zernike,
+)
 from cryosplat.errors import InputError
+from cryosplat.evaluate import fsc
+from cryosplat.fourier import fourier_resample, rfft_frequencies_2d
+from cryosplat.gaussians import GaussianMixture, model_images, render_rfft
 from cryosplat.io import read_particles, write_particles
-from cryosplat.fourier import fourier_resample
-from cryosplat.simulate import (SimulationConfig, draw_parameters, forward_images, project,
-                                simulate_dataset)
+from cryosplat.simulate import (
+    SimulationConfig,
+    draw_parameters,
+    forward_images,
+    project,
+    simulate_dataset,
+)
 
 RELION_PROJECT = shutil.which("relion_project")
 

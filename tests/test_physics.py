@@ -12,13 +12,24 @@ import pytest
 import torch
 
 from cryosplat import geometry
-from cryosplat.evaluate import (auto_mask, fsc, fsc_curves, phase_randomised_correction,
-                                resolution_A, spherical_mask)
+from cryosplat.backproject import backproject
+from cryosplat.evaluate import (
+    auto_mask,
+    fsc,
+    fsc_curves,
+    phase_randomised_correction,
+    resolution_A,
+    spherical_mask,
+)
 from cryosplat.gaussians import voxelise, voxelise_dense
 from cryosplat.io import read_particles
-from cryosplat.backproject import backproject
-from cryosplat.simulate import (SimulationConfig, atomic_potential_gaussians, builtin_structure,
-                                simulate_dataset, structure_to_map)
+from cryosplat.simulate import (
+    SimulationConfig,
+    atomic_potential_gaussians,
+    builtin_structure,
+    simulate_dataset,
+    structure_to_map,
+)
 
 
 def test_windowed_voxeliser_equals_dense_and_conserves_mass():

@@ -8,8 +8,8 @@ import torch
 
 from cryosplat.evaluate import fsc, resolution_A
 from cryosplat.io import assign_half_sets, read_particles, read_volume
-from cryosplat.train import TrainConfig, load_checkpoint, total_steps, train_gold_standard
 from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.train import TrainConfig, load_checkpoint, total_steps, train_gold_standard
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,10 @@ import torch
 
 from cryosplat import geometry
 from cryosplat.errors import InputError
-from cryosplat.io import assign_half_sets, read_particles, read_volume, write_particles
-from cryosplat.geometry import rotation_angle_deg
-from cryosplat.refine.loop import RefineConfig, input_pose, refine_gold_standard
 from cryosplat.fourier_slice import PaddedGrid, as_sampled
+from cryosplat.geometry import rotation_angle_deg
+from cryosplat.io import assign_half_sets, read_particles, read_volume, write_particles
+from cryosplat.refine.loop import RefineConfig, input_pose, refine_gold_standard
 from cryosplat.refine.search import Pose, SearchConfig, alignment_points, refine_batch
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig

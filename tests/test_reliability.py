@@ -15,7 +15,6 @@ import mrcfile
 import numpy as np
 import pytest
 import torch
-
 from test_bad_input import run_cli
 
 
@@ -120,9 +119,9 @@ def test_nan_stops_the_run_naming_the_stage(sim, tmp_path, capsys, monkeypatch, 
 def test_every_command_on_a_star_file_with_only_required_columns(tmp_path):
     """No optional column at all: no origins, defocus V or angle, phase shift, B-factor,
     scale factor or half-sets. Every command must still give finite output."""
-    from cryosplat.simulate import SimulationConfig, simulate_dataset
-
     import starfile
+
+    from cryosplat.simulate import SimulationConfig, simulate_dataset
 
     sim = simulate_dataset(None, tmp_path / "full", SimulationConfig(
         n_particles=80, box_size=24, pixel_size_A=4.0, snr=1.0, seed=3))

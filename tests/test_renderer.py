@@ -7,14 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import real_space_projection
 from torch_fourier_slice import project_3d_to_2d
 
-from conftest import real_space_projection
-
 from cryosplat import fourier, geometry
+from cryosplat.gaussians import (
+    GaussianMixture,
+    covariance_from_scales,
+    project_gaussians,
+    render_rfft,
+    splat_patches,
+)
 from cryosplat.simulate import project
-from cryosplat.gaussians import (GaussianMixture, covariance_from_scales, project_gaussians,
-                                 render_rfft, splat_patches)
 
 
 def random_mixture(m: int, seed: int, spread_A: float = 16.0, scale_A=(2.0, 3.5),

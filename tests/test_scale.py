@@ -13,10 +13,15 @@ import pytest
 import torch
 
 from cryosplat.io import assign_half_sets, read_particles
-from cryosplat.train import (BatchStream, HalfSetTrainer, TrainConfig, batch_indices,
-                             train_gold_standard)
-from cryosplat.train.distributed import leave_group
 from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.train import (
+    BatchStream,
+    HalfSetTrainer,
+    TrainConfig,
+    batch_indices,
+    train_gold_standard,
+)
+from cryosplat.train.distributed import leave_group
 
 CFG = dict(n_gaussians=40, batch_size=8, epochs=2, eval_every=10**6, checkpoint_every=10**6,
            seed=4, loss="fourier", densify=True, densify_every=4)

@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from cryosplat.backproject import invert
-from cryosplat.fourier_slice import Insertion
 from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc
+from cryosplat.fourier_slice import Insertion
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.symmetry import rotation_about, symmetry_matrices
 

@@ -12,13 +12,17 @@ import torch
 from cryosplat.backproject import direct_maps, insert_particles, invert
 from cryosplat.evaluate import fsc
 from cryosplat.fourier import rfft_radius_3d
+from cryosplat.fourier_slice import PaddedGrid
 from cryosplat.io import assign_half_sets, read_particles, read_volume
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.train import TrainConfig
 from cryosplat.train.seeding import own_support, seed_mixture
-from cryosplat.fourier_slice import PaddedGrid
-from cryosplat.train.volume import (AccumulatedObjective, fit_gold_standard_volume, make_fits,
-                                    split_held_out)
+from cryosplat.train.volume import (
+    AccumulatedObjective,
+    fit_gold_standard_volume,
+    make_fits,
+    split_held_out,
+)
 
 
 def _data(tmp_path_factory, name, **kw):

@@ -5,11 +5,11 @@ As RELION's ``relion_reconstruct`` does, each particle's `(D, D)` transform, shi
 ``+origin`` and multiplied by its CTF (both on the image's own grid), is inserted as a central
 slice (trilinear, up to the box's Nyquist) into a 2x padded 3D transform at twice its
 frequency index, and so is its CTF², in one pass (the padded grid's insertion,
-:meth:`cryosplat.fourier_slice.PaddedGrid.insert`, equal to torch-fourier-slice's). The map is ``sum CTF F / (sum CTF² + 1/SNR(k))``
-(Wiener-style), where ``SNR(k)`` comes from the half-maps' FSC of a first, lightly
-regularised pass; then the gridding correction (sinc²), a crop back to the box, and RELION's
-soft mask of the corners beyond radius D/2 (:func:`corner_mask`), where the periodic copies
-of each unpadded slice alias.
+:meth:`cryosplat.fourier_slice.PaddedGrid.insert`, equal to torch-fourier-slice's). The map
+is ``sum CTF F / (sum CTF² + 1/SNR(k))`` (Wiener-style), where ``SNR(k)`` comes from the
+half-maps' FSC of a first, lightly regularised pass; then the gridding correction (sinc²),
+a crop back to the box, and RELION's soft mask of the corners beyond radius D/2
+(:func:`corner_mask`), where the periodic copies of each unpadded slice alias.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def insert_particles(particles: Particles, indices: np.ndarray, pad_factor: int 
     CTF for a CTF-premultiplied image) and inserted
     (:meth:`~cryosplat.fourier_slice.PaddedGrid.insert`) with its CTF² at ``A^T (M k, 0)``
     (anisotropic magnification ``M``, :func:`cryosplat.geometry.image_matrices`) into a
-    ``pad_factor`` x padded grid, up to the box's Nyquist (RELION's ``r_max``), not the 2D corners beyond it; then symmetrised by
-    ``symmetry`` (:meth:`~cryosplat.fourier_slice.PaddedGrid.symmetrise`), when given."""
+    ``pad_factor`` x padded grid, up to the box's Nyquist (RELION's ``r_max``), not the 2D
+    corners beyond it; then symmetrised by ``symmetry``
+    (:meth:`~cryosplat.fourier_slice.PaddedGrid.symmetrise`), when given."""
     d = particles.box_size
     p = pad_factor * d
     grid = PaddedGrid(d, p, device)
@@ -124,6 +125,9 @@ def wiener_regulariser(half1: Insertion, half2: Insertion) -> torch.Tensor:
 
 @dataclass
 class Backprojection:
+    """Direct inversion's maps `(D, D, D)` (the full set and each half-set) and the
+    half-maps' FSC `(D//2+1,)`."""
+
     map: torch.Tensor
     half_map_1: torch.Tensor
     half_map_2: torch.Tensor

@@ -4,7 +4,6 @@ Gaussian run the half-sets' direct maps in ``DIR/backprojection`` that cross-val
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryosplat.io.mrc import read_map_like, write_maps
 from cryosplat.mapviews import plot_map_views
 from cryosplat.progress import ProgressFactory, no_progress
 from cryosplat.report import embed_png, map_section, write_evaluation, write_page
+from cryosplat.summary import BackprojectionSummary
 from cryosplat.symmetry import symmetry_or_none
 
 
@@ -28,7 +28,7 @@ class Baseline:
     """The half-sets' direct reconstructions that validate a Gaussian run: the backprojection
     folder's summary and the two half-maps `(D, D, D)`."""
 
-    summary: dict
+    summary: BackprojectionSummary
     half_maps: tuple[torch.Tensor, torch.Tensor]
 
 
@@ -42,7 +42,7 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
                        progress: ProgressFactory = no_progress,
                        label: str = "backprojecting",
                        insertions: tuple[Insertion, Insertion] | None = None,
-                       symmetry: str = "C1") -> tuple[dict, Backprojection]:
+                       symmetry: str = "C1") -> tuple[BackprojectionSummary, Backprojection]:
     """Backproject ``p`` with half-sets ``half`` into out/ (maps, fsc.csv, fsc.png,
     map_views.png, summary.json, report.html), each half-set symmetrised by the point group
     ``symmetry``, or invert the half-sets' ``insertions`` when given (the first becomes their
@@ -57,15 +57,16 @@ def run_backprojection(p: Particles, out: Path, half: np.ndarray, truth=None, ma
                                  symmetry=symmetry_or_none(symmetry))
     write_maps(out, {"map": result.map, "half_map_1": result.half_map_1,
                       "half_map_2": result.half_map_2}, pix, "backprojection")
-    e = evaluate_maps(result.half_map_1, result.half_map_2, pix, optional_map(truth, p, "ground truth"),
+    e = evaluate_maps(result.half_map_1, result.half_map_2, pix,
+                      optional_map(truth, p, "ground truth"),
                       mask=optional_map(mask, p, "mask"), full_map=result.map)
     write_evaluation(out, e, p.box_size, pix, "direct Fourier inversion")
     plot_map_views(out / "map_views.png", result.map.numpy(), pix, title="map.mrc")
-    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "symmetry": symmetry, **e.headline(), "resolutions_A": e.resolutions_A}
-    write_json(out / "summary.json", summary)
+    summary = BackprojectionSummary(len(p), p.box_size, pix, symmetry, e.headline(),
+                                    e.resolutions_A)
+    write_json(out / "summary.json", summary.to_json())
     write_page(out, "cryosplat backproject", f"<p>{len(p)} particles, direct Fourier "
-               f"inversion; half-maps {e.headline()['half_map_resolution_A']:.2f} Å at 0.143 "
+               f"inversion; half-maps {summary.headline.half_map_resolution_A:.2f} Å at 0.143 "
                f"(unmasked).</p>{map_section(out, 'map.mrc')}<h2>FSC</h2>"
                f"{embed_png(out / 'fsc.png')}")
     return summary, result
@@ -84,7 +85,7 @@ def validation_references(p: Particles, out: Path, half: np.ndarray, truth, mask
     files = [folder / f"half_map_{i}.mrc" for i in (1, 2)] + [folder / "summary.json"]
     if all(f.is_file() for f in files):
         h1, h2 = (torch.from_numpy(read_volume(f)[0]) for f in files[:2])
-        return Baseline(json.loads(files[2].read_text()), (h1, h2))
+        return Baseline(BackprojectionSummary.read(files[2]), (h1, h2))
     summary, result = run_backprojection(p, folder, half, truth, mask, progress,
                                          label="validation: direct inversion of each half-set",
                                          insertions=insertions, symmetry=symmetry)

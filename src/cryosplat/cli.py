@@ -12,27 +12,50 @@ import torch
 import typer
 
 from cryosplat import diagnostics
+from cryosplat.baseline import run_backprojection
+from cryosplat.demo import run_demo
 from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc_curves, resolutions
 from cryosplat.fourier import shell_frequencies
 from cryosplat.io import assign_half_sets, read_volume, write_particles
 from cryosplat.io.atomic import write_json
-from cryosplat.demo import run_demo
-from cryosplat.report import write_fsc
-from cryosplat.refine import (RefineConfig, RefineRunConfig, SearchConfig, load_refine_run,
-                              run_refinement)
-from cryosplat.options import (PARTICLES_HELP, ForceOpt, MaskOpt, NprocOpt, SymOpt, TruthOpt,
-                               join_processes, new_or_resumed, numbers, particle_options)
 from cryosplat.io.mrc import read_map_like
+from cryosplat.options import (
+    PARTICLES_HELP,
+    ForceOpt,
+    MaskOpt,
+    NprocOpt,
+    SymOpt,
+    TruthOpt,
+    join_processes,
+    new_or_resumed,
+    numbers,
+    particle_options,
+)
 from cryosplat.postprocess.run import postprocess_files, write_postprocess
-from cryosplat.baseline import run_backprojection
+from cryosplat.refine import (
+    RefineConfig,
+    RefineRunConfig,
+    SearchConfig,
+    load_refine_run,
+    run_refinement,
+)
+from cryosplat.report import write_fsc
 from cryosplat.run import load_run, prepare_out_dir, run_reconstruction, start_reconstruction
 from cryosplat.run_config import ParticleSource, RunConfig
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.symmetry import symmetry_matrices
-from cryosplat.terminal import (console, print_checks, print_demo, print_info,
-                                print_postprocess, print_reconstruction, print_resolutions,
-                                progress_bar, run_app)
+from cryosplat.terminal import (
+    console,
+    print_checks,
+    print_demo,
+    print_info,
+    print_postprocess,
+    print_reconstruction,
+    print_resolutions,
+    progress_bar,
+    run_app,
+)
 from cryosplat.train import TrainConfig
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -42,7 +65,8 @@ TRAIN, REFINE, SEARCH = TrainConfig(), RefineConfig(), SearchConfig()  # the opt
 
 @app.command()
 @particle_options(subset=False)
-def info(particles: Path = typer.Argument(..., help=PARTICLES_HELP), source: ParticleSource = None,
+def info(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
+         source: ParticleSource = None,  # type: ignore[assignment]  # particle_options
          as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables"),
          check_images: bool = typer.Option(False, "--check-images",
                                            help="Also check every stack's header and index")):
@@ -60,7 +84,7 @@ def info(particles: Path = typer.Argument(..., help=PARTICLES_HELP), source: Par
 @app.command()
 @particle_options(subset=False)
 def validate(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
-             source: ParticleSource = None,
+             source: ParticleSource = None,  # type: ignore[assignment]  # particle_options
              as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table")):
     """Check everything a reconstruction needs (stacks, headers, poses, CTF ranges, pose
     coverage, half-sets), without training. Exit 0 when nothing fails, 1 otherwise."""
@@ -79,7 +103,7 @@ def validate(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
 @app.command()
 @particle_options()
 def downsample(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
-               source: ParticleSource = None,
+               source: ParticleSource = None,  # type: ignore[assignment]  # particle_options
                out: Path = typer.Option(..., "--out", help="Output folder: particles.star + "
                                                            "particles.mrcs"),
                force: bool = ForceOpt):
@@ -145,7 +169,7 @@ def simulate(
 @app.command()
 @particle_options()
 def backproject(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
-                source: ParticleSource = None,
+                source: ParticleSource = None,  # type: ignore[assignment]  # particle_options
                 out: Path = typer.Option(..., "--out", help="Output folder"),
                 truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
                 seed: int = typer.Option(0, "--seed", help="Seed of the half-set split, if the "
@@ -154,11 +178,13 @@ def backproject(particles: Path = typer.Argument(..., help=PARTICLES_HELP),
     """Direct Fourier inversion with known poses and CTF: map, half-maps, FSC."""
     symmetry_matrices(sym)  # refuses an unknown group before anything is read
     p = source.read()
-    p.require_poses(), p.require_ctf(), p.check_images()
+    p.require_poses()
+    p.require_ctf()
+    p.check_images()
     prepare_out_dir(out, force)
     s, _ = run_backprojection(p, out, assign_half_sets(p, seed), truth, mask, progress_bar,
                               symmetry=sym.upper())
-    print_resolutions(s["resolutions_A"])
+    print_resolutions(s.resolutions_A)
     console.print(f"outputs in {out}: map.mrc, half_map_1.mrc, half_map_2.mrc, fsc.csv, fsc.png, "
                   "map_views.png; report: report.html")
 
@@ -217,7 +243,7 @@ def postprocess(
 @particle_options()
 def reconstruct(
     particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
-    source: ParticleSource = None,
+    source: Optional[ParticleSource] = None,
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder"),
     objective: str = typer.Option(TRAIN.objective, "--objective", help="volume: fit each "
                                   "half-set's accumulated Fourier sums, all its particles at "
@@ -270,7 +296,7 @@ def reconstruct(
 ):
     """Gold-standard Gaussian-mixture reconstruction: each half-set's mixture starts inside
     its own direct map (or at random) and is fitted to its own particles only."""
-    lead = join_processes(nproc, device)
+    join_processes(nproc, device)
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_run,
                                         lambda fields: RunConfig(
         **fields, device=device, validate=validate, postprocess=post, train=TrainConfig(
@@ -281,7 +307,7 @@ def reconstruct(
             seed=seed, loader_workers=workers, symmetry=sym.upper())))
     p, half = start_reconstruction(config, out, force, new=state is None)
     s = run_reconstruction(p, half, out, config, state, progress=progress_bar)
-    if lead:
+    if s is not None:  # rank 0
         print_reconstruction(s)
 
 
@@ -289,7 +315,7 @@ def reconstruct(
 @particle_options()
 def refine(
     particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
-    source: ParticleSource = None, out: Optional[Path] = typer.Option(None, "--out"),
+    source: Optional[ParticleSource] = None, out: Optional[Path] = typer.Option(None, "--out"),
     iterations: int = typer.Option(REFINE.iterations, "--iterations",
                                    help="Rounds of (fit each half-set, search its poses)"),
     max_angle: float = typer.Option(SEARCH.max_angle_deg, "--max-angle", help="Most rotation, °"),
@@ -309,14 +335,14 @@ def refine(
     """Refine each particle's rotation, origin and defocus against its own half-set's Gaussian
     model (local searches, then gradient steps), alternating with the models' fits; writes
     DIR/particles.star with the refined values, and the maps, FSC and report."""
-    lead = join_processes(nproc, device)
+    join_processes(nproc, device)
     search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_refine_run,
                                         lambda fields: RefineRunConfig(
         **fields, device=device, train=TrainConfig(seed=seed),
         refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search)))
     s = run_refinement(config, out, force, state, new=resume is None, progress=progress_bar)
-    if lead:
+    if s is not None:  # rank 0
         print_reconstruction(s)
 
 

@@ -2,7 +2,8 @@
 
 ``CTF(k) = scale * exp(-B k^2 / 4) * sin(chi(k))`` with
 
-``chi(k) = pi lambda df(alpha) k^2 - (pi/2) Cs lambda^3 k^4 + phase_shift + atan(Q0 / sqrt(1 - Q0^2))``
+``chi(k) = pi lambda df(alpha) k^2 - (pi/2) Cs lambda^3 k^4 + phase_shift
++ atan(Q0 / sqrt(1 - Q0^2))``
 
 ``df(alpha) = (dfU + dfV)/2 + (dfU - dfV)/2 * cos(2 (alpha - alpha_ast))``, ``alpha`` the azimuth
 of ``k`` measured from +x towards +y, defocus positive for underfocus. The CTF is positive
@@ -27,7 +28,9 @@ RELION's index order (:func:`odd_index_to_mn`, :func:`even_index_to_mn`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 
@@ -74,14 +77,19 @@ class CTFParams:
     def __len__(self) -> int:
         return self.defocus_u_A.shape[0]
 
-    def __getitem__(self, index) -> "CTFParams":
-        return CTFParams(**{k: None if v is None else v[index] for k, v in self.as_dict().items()})
+    def __getitem__(self, index) -> CTFParams:
+        values: dict[str, Any] = {k: None if v is None else v[index]
+                                  for k, v in self.as_dict().items()}
+        return CTFParams(**values)
 
-    def to(self, device=None, dtype=None) -> "CTFParams":
-        return CTFParams(**{k: None if v is None else v.to(device=device, dtype=dtype)
-                            for k, v in self.as_dict().items()})
+    def to(self, device=None, dtype=None) -> CTFParams:
+        """Every parameter on ``device`` in ``dtype`` (absent optics stay None)."""
+        values: dict[str, Any] = {k: None if v is None else v.to(device=device, dtype=dtype)
+                                  for k, v in self.as_dict().items()}
+        return CTFParams(**values)
 
     def as_dict(self) -> dict[str, torch.Tensor | None]:
+        """Field name -> its `(N, ...)` tensor, or None for absent optics."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def has_odd_phase(self) -> bool:
@@ -91,9 +99,9 @@ class CTFParams:
 
     def aberrations(self) -> list[str]:
         """Names of the higher-order optics this set carries with non-trivial values."""
-        eye = None if self.mag_matrix is None else torch.eye(2, dtype=self.mag_matrix.dtype)
         found = []
-        if self.mag_matrix is not None and bool((self.mag_matrix != eye).any()):
+        if self.mag_matrix is not None and bool(
+                (self.mag_matrix != torch.eye(2, dtype=self.mag_matrix.dtype)).any()):
             found.append("anisotropic magnification")
         for name, t in (("beam tilt", self.beam_tilt_mrad), ("odd Zernike", self.odd_zernike),
                         ("even Zernike", self.even_zernike)):
@@ -141,7 +149,7 @@ def zernike(m: int, n: int, kx: torch.Tensor, ky: torch.Tensor) -> torch.Tensor:
 
 
 def _zernike_sum(coefficients: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor,
-                 index_to_mn) -> torch.Tensor:
+                 index_to_mn: Callable[[int], tuple[int, int]]) -> torch.Tensor:
     """``sum_i c_i Z_i(kx, ky)`` for `(N, K)` coefficients and `(N, H, W)` frequencies."""
     out = torch.zeros_like(kx)
     for i in range(coefficients.shape[-1]):
@@ -151,7 +159,8 @@ def _zernike_sum(coefficients: torch.Tensor, kx: torch.Tensor, ky: torch.Tensor,
     return out
 
 
-def _frequencies_A(params: CTFParams, box_size: int, pixel_size_A) -> tuple[torch.Tensor, torch.Tensor]:
+def _frequencies_A(params: CTFParams, box_size: int,
+                   pixel_size_A) -> tuple[torch.Tensor, torch.Tensor]:
     """``M k`` on the rfft grid, in cycles / Å: x and y, `(N, D, D//2+1)` with a magnification
     or per-particle pixel sizes, else `(D, D//2+1)` (one grid that broadcasts)."""
     dtype, device = params.defocus_u_A.dtype, params.defocus_u_A.device
@@ -246,7 +255,8 @@ def ctf_rfft(params: CTFParams, box_size: int, pixel_size_A: float | torch.Tenso
     lam = col(electron_wavelength_A(params.voltage_kV))
     mean_df = col((params.defocus_u_A + params.defocus_v_A) / 2)
     half_astig = col((params.defocus_u_A - params.defocus_v_A) / 2)
-    df = mean_df + half_astig * torch.cos(2 * (alpha - col(torch.deg2rad(params.defocus_angle_deg))))
+    angle = col(torch.deg2rad(params.defocus_angle_deg))
+    df = mean_df + half_astig * torch.cos(2 * (alpha - angle))
     cs_A = col(params.cs_mm) * 1e7
     q0 = col(params.amplitude_contrast)
     chi = (math.pi * lam * df * k2

@@ -6,18 +6,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from cryosplat.baseline import Baseline, run_backprojection
 from cryosplat.io import assign_half_sets, read_particles
 from cryosplat.io.atomic import write_json
-from cryosplat.baseline import Baseline, run_backprojection
 from cryosplat.progress import ProgressFactory, no_progress
 from cryosplat.run import run_reconstruction
 from cryosplat.run_config import RunConfig
 from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.summary import BackprojectionSummary, RunSummary
 
 
 def run_demo(out: Path, n_particles: int, device: str,
              progress: ProgressFactory = no_progress,
-             say: Callable[[str], None] = print) -> tuple[dict, dict, SimulationConfig]:
+             say: Callable[[str], None] = print
+             ) -> tuple[RunSummary, BackprojectionSummary, SimulationConfig]:
     """Simulate ``n_particles`` of the built-in 4AKE model into out/data, reconstruct them
     directly (out/backprojection) and with Gaussian mixtures at the default settings
     (out/reconstruction), both against the ground truth. Returns (the Gaussian run's summary,
@@ -43,4 +45,6 @@ def run_demo(out: Path, n_particles: int, device: str,
     write_json(rec / "config.json", config.to_dict())
     s = run_reconstruction(p, half, rec, config, progress=progress,
                            baseline=Baseline(bp, (bp_result.half_map_1, bp_result.half_map_2)))
+    if s is None:
+        raise RuntimeError("the demo runs in one process; this one is not rank 0")
     return s, bp, cfg

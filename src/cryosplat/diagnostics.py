@@ -3,6 +3,8 @@ behind ``cryosplat info`` and ``cryosplat validate``, as plain dicts."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from cryosplat.errors import InputError
@@ -51,7 +53,7 @@ def summarise(p: Particles) -> dict:
 def optics_summary(ctf) -> dict:
     """The higher-order optics of one optics group (its first particle's; RELION keeps them
     per group), as plain data; empty where it has none."""
-    out = {}
+    out: dict[str, Any] = {}
     if ctf.beam_tilt_mrad is not None:
         out["beam_tilt_mrad"] = [round(float(x), 6) for x in ctf.beam_tilt_mrad[0]]
     if ctf.odd_zernike is not None:
@@ -132,7 +134,8 @@ def validation_checks(p: Particles) -> list[dict]:
     return checks
 
 
-def pose_coverage(rotations: torch.Tensor, n_directions: int = 400, max_sample: int = 50_000) -> dict:
+def pose_coverage(rotations: torch.Tensor, n_directions: int = 400,
+                  max_sample: int = 50_000) -> dict:
     """How evenly the viewing directions cover the sphere.
 
     Directions (the beam in map coordinates, third row of ``A``) are assigned to the nearest

@@ -23,6 +23,7 @@ periodic evaluations and by the end of every run. Nothing here writes a file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from scipy import ndimage
 
 from cryosplat.fourier import rfft_radius_3d, shell_frequencies, shell_voxel_counts
 from cryosplat.geometry import grid_1d_A
+from cryosplat.summary import Headline
 
 
 def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
@@ -274,20 +276,22 @@ class Evaluation:
     curves: dict[str, np.ndarray]  # each (D//2 + 1,), by name as in fsc.csv
     resolutions_A: dict[str, dict[str, float]]  # {curve: {"0.143": Å, "0.5": Å}}, not for
     # the cross-validation curves
-    cross_validated: dict[str, float | bool]  # empty without references
+    cross_validated: dict[str, Any]  # resolution (Å) and is-limit (bool); empty without references
 
-    def headline(self) -> dict:
-        """The summary fields: half-map resolution at 0.143 (unmasked, and corrected when the
-        masked curves were made), the map against the truth at 0.143 and 0.5 when there is one,
-        and the cross-validated resolution when there are references."""
+    def headline(self) -> Headline:
+        """The summary fields (:class:`~cryosplat.summary.Headline`): half-map resolution at
+        0.143 (unmasked, and corrected when the masked curves were made), the map against the
+        truth at 0.143 and 0.5 when there is one, and the cross-validated resolution when
+        there are references."""
         res = self.resolutions_A
-        out = {"half_map_resolution_A": res["half-maps, unmasked"]["0.143"]}
-        if "half-maps, corrected" in res:
-            out["half_map_resolution_A_corrected"] = res["half-maps, corrected"]["0.143"]
-        if "map vs truth" in res:
-            out["truth_resolution_A_0.143"] = res["map vs truth"]["0.143"]
-            out["truth_resolution_A_0.5"] = res["map vs truth"]["0.5"]
-        return {**out, **self.cross_validated}
+        cv = self.cross_validated
+        return Headline(
+            res["half-maps, unmasked"]["0.143"],
+            res["half-maps, corrected"]["0.143"] if "half-maps, corrected" in res else None,
+            res["map vs truth"]["0.143"] if "map vs truth" in res else None,
+            res["map vs truth"]["0.5"] if "map vs truth" in res else None,
+            cv.get("cross_validated_resolution_A"),
+            cv.get("cross_validated_is_limit"))
 
 
 CROSS_VALIDATION_CURVES = {"free": "model vs other half's direct map (FSC free)",

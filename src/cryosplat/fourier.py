@@ -99,8 +99,9 @@ def fourier_resample(images: torch.Tensor, box_size: int, ndim: int = 2) -> torc
     out = torch.zeros(*images.shape[:-ndim], *(b,) * (ndim - 1), b // 2 + 1, dtype=f.dtype)
     m, w = min(d, b), min(d, b) // 2 + 1
     src, dst = d // 2 - m // 2, b // 2 - m // 2
-    out[(..., *(slice(dst, dst + m),) * (ndim - 1), slice(0, w))] = \
-        f[(..., *(slice(src, src + m),) * (ndim - 1), slice(0, w))]
+    into = (Ellipsis,) + (slice(dst, dst + m),) * (ndim - 1) + (slice(0, w),)
+    take = (Ellipsis,) + (slice(src, src + m),) * (ndim - 1) + (slice(0, w),)
+    out[into] = f[take]
     resampled = torch.fft.irfftn(torch.fft.ifftshift(out, dim=dims[:-1]), s=(b,) * ndim,
                                  dim=dims)
     return (torch.fft.fftshift(resampled, dim=dims) * (b / d) ** ndim).to(images.dtype)

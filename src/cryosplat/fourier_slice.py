@@ -332,12 +332,11 @@ class PaddedGrid:
         # the inverse transform of an fftshifted axis is that of the unshifted axis times
         # exp(-2 pi i (P//2) n / P) at voxel n: no shifted copy is made
         phase = torch.exp(-2j * torch.pi * (p // 2) * keep.double() / p).to(torch.complex64)
-        per_shell = torch.is_tensor(regulariser)
         zy = torch.empty(d, p, w, dtype=torch.complex64, device=dev)
         for rows in self.row_blocks():
             total = denominator[:, rows]
-            total = total + (regulariser[shell_index_3d(p, True, dev, rows)] if per_shell
-                             else regulariser)
+            total = total + (regulariser[shell_index_3d(p, True, dev, rows)]
+                             if isinstance(regulariser, torch.Tensor) else regulariser)
             scale = torch.where(total > 0, total.clamp_min(1e-30).reciprocal(), 0)
             ft = torch.view_as_complex(torch.view_as_real(numerator[:, rows]) * scale[..., None])
             zy[:, rows] = torch.fft.ifft(ft, dim=0)[keep] * phase[:, None, None]

@@ -113,7 +113,8 @@ def plot_map_views(path, volume: np.ndarray, voxel_size_A: float,
         shade = 0.35 + 0.65 * np.abs(normal @ np.array([0.4, 0.4, 0.82]))
         ax.add_collection3d(Poly3DCollection(tri, facecolors=plt.cm.Blues(0.3 + 0.6 * shade),
                                              edgecolors="none"))
-    centre, reach = np.zeros(3), half
+    centre: np.ndarray = np.zeros(3)
+    reach = half
     if len(faces):  # the surface's bounding cube, with a margin of 5%
         low, high = verts.min(0), verts.max(0)
         centre, reach = (low + high) / 2, 0.55 * float((high - low).max())

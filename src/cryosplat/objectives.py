@@ -42,6 +42,16 @@ class Reconstruction:
     baseline: Baseline | None
 
 
+def _all_of(fitted: Insertion, held_out: Insertion | None) -> Insertion:
+    """A half-set's whole insertion: its fitted and held-out particles' sums (new tensors)."""
+    if held_out is None:
+        return Insertion(fitted.numerator + 0, fitted.denominator + 0, fitted.box_size,
+                         fitted.padded_size)
+    return Insertion(fitted.numerator + held_out.numerator,
+                     fitted.denominator + held_out.denominator, fitted.box_size,
+                     fitted.padded_size)
+
+
 def _resume_hint(out: Path) -> str:
     return f"the last checkpoint is {out / 'checkpoint.pt'} (continue with --resume {out})"
 
@@ -62,7 +72,7 @@ def fit_images(p: Particles, half: np.ndarray, out: Path, config: RunConfig, dev
                                                      progress)
         refs = baseline.half_maps
         log(f"validation maps (direct inversion of each half-set): half-maps "
-            f"{baseline.summary['half_map_resolution_A']:.2f} Å")
+            f"{baseline.summary.headline.half_map_resolution_A:.2f} Å")
     barrier()
     done0 = 0 if resume is None else 2 * cfg.batch_size * int(resume["halves"][0]["step"])
     bar = progress if lead else no_progress
@@ -76,8 +86,8 @@ def fit_images(p: Particles, half: np.ndarray, out: Path, config: RunConfig, dev
 
         with stage("during training", log, _resume_hint(out)):
             run = train_gold_standard(
-                p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume, truth=truth,
-                progress=on_step, log=log, config=config.to_dict(), references=refs)
+                p, half, cfg, dev, checkpoint_path=out / "checkpoint.pt", resume=resume,
+                truth=truth, progress=on_step, log=log, config=config.to_dict(), references=refs)
     return Reconstruction(list(run.trainers), run.history, run.trace, refs, baseline)
 
 
@@ -109,14 +119,12 @@ def fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig, dev
         if baseline is None:
             full = None
             if not (out / "backprojection" / "summary.json").is_file():  # else read back
-                full = tuple(Insertion(t.numerator + (0 if o is None else o.numerator),
-                                       t.denominator + (0 if o is None else o.denominator),
-                                       t.box_size, t.padded_size) for t, o in ins)
+                full = (_all_of(*ins[0]), _all_of(*ins[1]))
             baseline = validation_references(p, out, half, config.truth, config.mask,
                                              progress, insertions=full, symmetry=cfg.symmetry)
         refs = baseline.half_maps
         log(f"validation maps (direct inversion of each half-set): half-maps "
-            f"{baseline.summary['half_map_resolution_A']:.2f} Å")
+            f"{baseline.summary.headline.half_map_resolution_A:.2f} Å")
     del ins
     record = None
     if resume is not None:

@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Optional
+from typing import Optional, TypeVar
 
 import typer
 
@@ -29,6 +29,8 @@ SymOpt = typer.Option("C1", "--sym", help="Point group, RELION's symbols and axe
                       "Dn, T, O, I (I1-I4); the Gaussians fit one asymmetric unit")
 MaskOpt = typer.Option(None, "--mask", help="Mask (.mrc, values in [0, 1]) for the masked and "
                                             "corrected FSC, instead of the soft auto-mask")
+
+C = TypeVar("C")  # a command's configuration type
 
 
 def _option(name: str, kind, flag: str, default, help: str) -> inspect.Parameter:
@@ -78,8 +80,9 @@ def particle_options(subset: bool = True):
 
 
 def new_or_resumed(source: ParticleSource | None, out: Path | None, resume: Path | None,
-                   truth: Path | None, mask: Path | None, load: Callable[[Path], tuple],
-                   build: Callable[[dict], object]) -> tuple[object, object, Path]:
+                   truth: Path | None, mask: Path | None,
+                   load: Callable[[Path], tuple[C, dict | None]],
+                   build: Callable[[dict], C]) -> tuple[C, dict | None, Path]:
     """(config, checkpoint or None, output folder) of a command that takes either PARTICLES
     and --out or --resume DIR: ``load(DIR)`` gives (config, checkpoint); ``build(fields)``
     makes a new config from the particle options' fields, --truth and --mask (each path
@@ -88,7 +91,8 @@ def new_or_resumed(source: ParticleSource | None, out: Path | None, resume: Path
         if source is not None:
             raise InputError(None, "--resume DIR continues with the particles and settings saved "
                                    "in DIR/config.json; give no PARTICLES")
-        return (*load(resume), resume)
+        config, state = load(resume)
+        return config, state, resume
     if source is None or out is None:
         raise InputError(None, "give PARTICLES and --out (or --resume DIR)")
     return build({**vars(source), "particles": str(Path(source.particles).resolve()),

@@ -11,6 +11,7 @@ import base64
 import csv
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +19,7 @@ import numpy as np
 from cryosplat.evaluate import CROSS_VALIDATION_CURVES, Evaluation, resolution_A
 from cryosplat.fourier import shell_frequencies
 from cryosplat.io.atomic import atomic_path
-from cryosplat.postprocess.sharpen import PostProcessed
-
+from cryosplat.summary import RunSummary
 
 HALF_MAP_CAUTION = (
     "The half-map FSC of two Gaussian mixtures can overestimate the resolution: both halves "
@@ -30,19 +30,8 @@ HALF_MAP_CAUTION = (
     "shares none of that error: report it, not the half-map figure (docs/reconstruct.md).")
 
 
-def describe_cross_validated(summary: dict, short: bool = False) -> str:
-    """One phrase for the cross-validated resolution of a reconstruction summary (``short``:
-    without the explanation of a limit, for plot legends)."""
-    r = summary["cross_validated_resolution_A"]
-    if not summary["cross_validated_is_limit"]:
-        return f"{r:.2f} Å"
-    if short:
-        return f"{r:.2f} Å or better"
-    return (f"{r:.2f} Å or better (the estimate stays above 0.5 as far as the half-sets' "
-            f"direct maps have signal)")
-
-
 def pyplot():
+    """matplotlib.pyplot with the Agg backend, imported on the first figure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,6 +41,7 @@ def pyplot():
 
 
 def save_figure(fig, path) -> None:
+    """Write ``fig`` to ``path`` as PNG atomically, then close it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     pyplot().close(fig)
@@ -106,7 +96,7 @@ def write_evaluation(out_dir, evaluation: Evaluation, box_size: int, voxel_size_
     cv_names = [n for n in CROSS_VALIDATION_CURVES.values() if n in evaluation.curves]
     labels = {}
     if evaluation.cross_validated:
-        phrase = describe_cross_validated(evaluation.cross_validated, short=True)
+        phrase = evaluation.headline().describe_cross_validated(short=True)
         labels = {n: f"{n}: {phrase} at 0.5" if "cross-validated" in n else n for n in cv_names}
     write_fsc(out / "fsc.csv", out / "fsc.png", evaluation.curves, box_size, voxel_size_A, title,
               labels=labels, second_panel=cv_names or None)
@@ -133,7 +123,8 @@ def plot_training(path, trace: list[list[float]], history: list[dict]) -> None:
     times = [r["time_s"] for r in history]
     b.plot(times, [r["half_map_resolution_A"] for r in history], "o-", label="half-maps (0.143)")
     if history and "truth_resolution_A_0.143" in history[0]:
-        b.plot(times, [r["truth_resolution_A_0.143"] for r in history], "s-", label="vs truth (0.143)")
+        b.plot(times, [r["truth_resolution_A_0.143"] for r in history], "s-",
+               label="vs truth (0.143)")
         b.plot(times, [r["truth_resolution_A_0.5"] for r in history], "^-", label="vs truth (0.5)")
     b.set_xlabel("wall time (s)")
     b.set_ylabel("resolution (Å)")
@@ -188,36 +179,15 @@ def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray
     save_figure(fig, path)
 
 
-def plot_guinier(path, result: PostProcessed) -> None:
-    """guinier.png: ln mean amplitude per shell against 1/d² for the input, FSC-weighted and
-    sharpened map, the fitted line over its range, and the resolution."""
-    plt = pyplot()
-    g = result.guinier
-    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
-    for name, y in g.ln_amplitude.items():
-        ax.plot(g.k2_per_A2[1:], y[1:], label=name)
-    if g.fitted.any():
-        x = g.k2_per_A2[g.fitted]
-        ax.plot(x, g.intercept + g.slope * x, "k--",
-                label=f"fit {g.fit_range_A[0]:.1f}-{g.fit_range_A[1]:.1f} Å: "
-                      f"B = {result.bfactor_A2:.0f} Å²")
-    ax.axvline(1 / result.resolution_A**2, color="grey", lw=0.8, ls=":",
-               label=f"resolution {result.resolution_A:.2f} Å")
-    ax.set_xlabel("1/d² (1/Å²)")
-    ax.set_ylabel("ln(mean amplitude)")
-    ax.set_title(f"Guinier plot; sharpened with B = {result.bfactor_A2:.0f} Å²")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path)
-
-
 def postprocess_paragraph(pp: dict) -> str:
+    """The report's paragraph on a post-processing's summary (``postprocess/summary.json``)."""
     return (f"<p><b>Post-processed</b> (masked, phase-randomisation corrected FSC at 0.143): "
             f"{pp['resolution_A']:.2f} Å; sharpened with B = {pp['bfactor_A2']:.0f} Å² and "
             f"low-passed at {pp['lowpass_A']:.2f} Å (postprocess.mrc).</p>")
 
 
 def embed_png(f: Path) -> str:
+    """An ``<img>`` holding the PNG ``f`` (base64), or a note that it is missing."""
     if not f.exists():
         return f"<p>({f.name} missing)</p>"
     data = base64.b64encode(f.read_bytes()).decode()
@@ -242,8 +212,8 @@ def map_section(out: Path, what: str) -> str:
             f"and x, and an isosurface.</p>{embed_png(out / 'map_views.png')}")
 
 
-def _refinement_section(summary: dict, img) -> str:
-    r = summary.get("refinement")
+def _refinement_section(summary: RunSummary, img: Callable[[str], str]) -> str:
+    r = summary.refinement
     if not r:
         return ""
     rows = "".join(
@@ -262,8 +232,8 @@ def _refinement_section(summary: dict, img) -> str:
             f"{img('pose_changes.png')}")
 
 
-def _postprocess_section(summary: dict, img) -> str:
-    pp = summary.get("postprocess")
+def _postprocess_section(summary: RunSummary, img: Callable[[str], str]) -> str:
+    pp = summary.postprocess
     if not pp:
         return ""
     if "error" in pp:
@@ -272,7 +242,7 @@ def _postprocess_section(summary: dict, img) -> str:
             f"sharpened maps, their FSC and the Guinier plot.</p>{img('postprocess/guinier.png')}")
 
 
-def write_report(out_dir, summary: dict, config: dict) -> Path:
+def write_report(out_dir: str | Path, summary: RunSummary, config: dict) -> Path:
     """report.html: resolutions, FSC, training curves, montage and the config on one page.
     The figures are embedded, so the file can be mailed or moved alone."""
     out = Path(out_dir)
@@ -280,27 +250,32 @@ def write_report(out_dir, summary: dict, config: dict) -> Path:
     def img(name: str) -> str:
         return embed_png(out / name)
 
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['0.143']:.2f}</td><td>{v['0.5']:.2f}</td></tr>"
-                   for k, v in summary.get("resolutions_A", {}).items())
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v['0.143']:.2f}</td>"
+                   f"<td>{v['0.5']:.2f}</td></tr>" for k, v in summary.resolutions_A.items())
     cv = ""
-    if "cross_validated_resolution_A" in summary:
+    if summary.headline.cross_validated_resolution_A is not None:
         cv = (f"<p><b>Cross-validated resolution</b> (each mixture against the other half-set's "
               f"direct map, estimated FSC against the truth at 0.5): "
-              f"{html.escape(describe_cross_validated(summary))}.</p>")
+              f"{html.escape(summary.headline.describe_cross_validated())}.</p>")
     files = "".join(f"<li>{html.escape(p.name)}</li>" for p in sorted(out.iterdir()) if p.is_file())
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cryosplat reconstruction</title>
+    stopped = "".join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>"
+                      for i, w in enumerate(summary.stopped or [], 1))
+    head = '<meta charset="utf-8"><title>cryosplat reconstruction</title>'
+    views = map_section(out, "map.mrc, with half-set 1's Gaussian centres over the projection "
+                             "along z")
+    page = f"""<!doctype html><html><head>{head}
 <style>body{{font-family:sans-serif;max-width:1100px;margin:auto}} td,th{{padding:2px 10px}}
 img{{max-width:100%}} pre{{background:#f4f4f4;padding:8px}}</style></head><body>
 <h1>cryosplat reconstruction</h1>
-<p>{summary.get('particles', '?')} particles, box {summary.get('box_size')} px of
-{summary.get('pixel_size_A', 0):.3f} Å, objective {html.escape(str(summary.get('objective', 'images')))},
-symmetry {html.escape(str(summary.get('symmetry', 'C1')))},
-{' and '.join(str(n) for n in summary.get('gaussians', [])) or '?'} Gaussians at the end,
-{summary.get('steps')} steps in {summary.get('train_time_s', 0):.0f} s on {html.escape(str(summary.get('device')))}.</p>
-{''.join(f"<p>Half-set {i} stopped: {html.escape(str(w))}.</p>" for i, w in enumerate(summary.get('stopped', []), 1))}
+<p>{summary.particles} particles, box {summary.box_size} px of
+{summary.pixel_size_A:.3f} Å, objective {html.escape(summary.objective)},
+symmetry {html.escape(summary.symmetry)},
+{' and '.join(str(n) for n in summary.gaussians) or '?'} Gaussians at the end,
+{summary.steps} steps in {summary.train_time_s:.0f} s on {html.escape(summary.device)}.</p>
+{stopped}
 <h2>Resolution (Å)</h2><table><tr><th>FSC</th><th>0.143</th><th>0.5</th></tr>{rows}</table>
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
-{_refinement_section(summary, img)}{map_section(out, "map.mrc, with half-set 1's Gaussian centres over the projection along z")}
+{_refinement_section(summary, img)}{views}
 <h2>FSC</h2>{img('fsc.png')}
 {_postprocess_section(summary, img)}
 <h2>Training</h2>{img('loss.png')}

@@ -30,12 +30,18 @@ from cryosplat.mapviews import plot_map_views
 from cryosplat.objectives import fit_images, fit_volume
 from cryosplat.postprocess.run import postprocess_half_maps
 from cryosplat.progress import ProgressFactory, no_progress
-from cryosplat.report import describe_cross_validated, plot_montage, plot_training, write_report
-from cryosplat.report import write_evaluation
+from cryosplat.report import plot_montage, plot_training, write_evaluation, write_report
 from cryosplat.run_config import RunConfig
+from cryosplat.summary import RunSummary
 from cryosplat.symmetry import symmetry_or_none
-from cryosplat.train import barrier, check_batch_size, load_checkpoint, rank_and_world
-from cryosplat.train import resolve_device
+from cryosplat.train import (
+    barrier,
+    check_batch_size,
+    load_checkpoint,
+    rank_and_world,
+    resolve_device,
+)
+
 
 def load_run(folder: Path) -> tuple[RunConfig, dict]:
     """The configuration and last checkpoint of the reconstruct run in ``folder``."""
@@ -67,7 +73,9 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
     ``shares_ranks``: the caller divides the work between torchrun's processes itself (refine).
     Returns (the particles, the half-set of each)."""
     p = config.read()
-    p.require_poses(), p.require_ctf(), p.check_images()
+    p.require_poses()
+    p.require_ctf()
+    p.check_images()
     half = assign_half_sets(p, config.train.seed)
     if config.train.objective == "images":
         check_batch_size(p, half, config.train)
@@ -89,7 +97,8 @@ def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
 
 def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunConfig,
                        resume: dict | None = None, baseline: Baseline | None = None,
-                       progress: ProgressFactory = no_progress, extra: dict | None = None) -> dict:
+                       progress: ProgressFactory = no_progress,
+                       refinement: dict | None = None) -> RunSummary | None:
     """Train the two half-set mixtures of ``config`` on half-sets ``half`` `(N,)` (1 or 2) and
     write every output into ``out``.
 
@@ -97,7 +106,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     made with the same half-sets, is used) to cross-validate the
     Gaussian maps' resolution. ``resume`` is a checkpoint to continue from. Under torchrun
     every rank calls this; rank 0 alone validates, logs and writes, and only it returns the
-    summary (the others return {}). ``extra`` entries join the summary (and the report)."""
+    :class:`~cryosplat.summary.RunSummary` (the others return None). ``refinement``: refine's
+    record, for the summary and the report."""
     cfg = config.train
     dev = resolve_device(config.device)
     rank, world = rank_and_world()
@@ -117,7 +127,7 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     result = fit(p, half, out, config, dev, gt, resume, baseline, progress, log)
     trainers, history, trace, refs = result.fits, result.history, result.trace, result.references
     if not lead:
-        return {}
+        return None
     v1, v2 = trainers[0].volume(), trainers[1].volume()  # voxelised by the last evaluation
     sym = symmetry_or_none(cfg.symmetry)
     whole = [t.model.expanded(None if sym is None else sym.to(dev)) for t in trainers]
@@ -134,37 +144,34 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     e = evaluate_maps(v1, v2, pix, gt, refs, optional_map(config.mask, p, "mask"))
     write_evaluation(out, e, p.box_size, pix, f"Gaussian mixture, {len(trainers[0].model)} and "
                                                 f"{len(trainers[1].model)} Gaussians")
+    pp = None
     if config.postprocess:
         pp = postprocess_half_maps(v1, v2, pix, optional_map(config.mask, p, "mask"),
                                    out / "postprocess", "this run's half-maps (Gaussian "
                                    "mixtures)", log)
     plot_training(out / "loss.png", trace, history)
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
+    rotations, ctf = p.require_poses(), p.require_ctf()
     with torch.no_grad():
         renders = [model_images(whole[int(half[i]) - 1].to(dev),
-                                p.rotations[i:i + 1].float().to(dev),
-                                p.shifts_A[i:i + 1].float().to(dev), p.ctf[i:i + 1].to(dev),
+                                rotations[i:i + 1].float().to(dev),
+                                p.shifts_A[i:i + 1].float().to(dev), ctf[i:i + 1].to(dev),
                                 p.box_size, pix, cfg.n_sigma, cfg.blur_px * pix)[0].cpu()
                    for i in idx]
     plot_montage(out / "montage.png", p.read_images(idx).numpy(), torch.stack(renders).numpy())
-    summary = {"particles": len(p), "box_size": p.box_size, "pixel_size_A": pix,
-               "device": str(dev), "processes": world, "steps": trainers[0].step,
-               "train_time_s": history[-1]["time_s"],
-               "wall_time_s": time.perf_counter() - t_start, **e.headline(),
-               "resolutions_A": e.resolutions_A, "history": history,
-               "gaussians": [len(t.model) for t in trainers], "objective": cfg.objective,
-               "symmetry": cfg.symmetry}
-    if cfg.objective == "volume":
-        summary["stopped"] = [t.stop_reason for t in trainers]
-    if result.baseline is not None:
-        summary["backprojection"] = result.baseline.summary
-    if config.postprocess:
-        summary["postprocess"] = pp
-    summary.update(extra or {})
-    write_json(out / "summary.json", summary)
-    summary["report"] = str(write_report(out, summary, config.to_dict()))
-    cv = f"; cross-validated {describe_cross_validated(summary)}" if e.cross_validated else ""
-    log(f"done: half-maps {summary['half_map_resolution_A']:.2f} Å{cv}; report {summary['report']}")
+    summary = RunSummary(
+        len(p), p.box_size, pix, str(dev), world, trainers[0].step, history[-1]["time_s"],
+        time.perf_counter() - t_start, e.headline(), e.resolutions_A, history,
+        [len(t.model) for t in trainers], cfg.objective, cfg.symmetry,
+        stopped=[t.stop_reason for t in trainers] if cfg.objective == "volume" else None,
+        backprojection=None if result.baseline is None else result.baseline.summary,
+        postprocess=pp, refinement=refinement)
+    write_json(out / "summary.json", summary.to_json())
+    summary.report = str(write_report(out, summary, config.to_dict()))
+    cv = (f"; cross-validated {summary.headline.describe_cross_validated()}"
+          if e.cross_validated else "")
+    log(f"done: half-maps {summary.headline.half_map_resolution_A:.2f} Å{cv}; report "
+        f"{summary.report}")
     return summary
 
 

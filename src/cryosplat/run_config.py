@@ -51,6 +51,6 @@ class RunConfig(ParticleSource):
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RunConfig":
+    def from_dict(cls, d: dict) -> RunConfig:
         """The configuration of a :meth:`to_dict`."""
         return cls(**{**d, "train": TrainConfig(**d["train"])})

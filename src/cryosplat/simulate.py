@@ -23,13 +23,12 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams, modulate
-from cryosplat.fourier import fourier_resample
 from cryosplat.errors import InputError
+from cryosplat.fourier import fourier_resample
 from cryosplat.gaussians import voxelise
 from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
 from cryosplat.io.particles import OpticsGroup, Particles
 from cryosplat.io.star_writer import particles_to_star_tables, write_star
-
 
 BIO_ELEMENTS = {"H", "C", "N", "O", "S", "P", "Se", "Na", "Mg", "K", "Ca", "Cl", "Mn", "Fe",
                 "Co", "Ni", "Cu", "Zn", "F", "I", "Br"}
@@ -107,15 +106,15 @@ def atomic_potential_gaussians(path: str | Path, extra_bfactor_A2: float = 0.0
         occ.append(at.occ)
     if not xyz:
         raise InputError(path, "holds no atoms")
-    xyz = np.asarray(xyz)
-    centre = xyz.mean(axis=0)
-    xyz = torch.from_numpy(xyz - centre)
-    a, b = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
-    occ = torch.tensor(occ, dtype=torch.float64)
-    bb = torch.tensor(bfac, dtype=torch.float64)[:, None] + b + extra_bfactor_A2
-    means = xyz[:, None, :].expand(-1, a.shape[1], 3).reshape(-1, 3)
+    positions = np.asarray(xyz)
+    centre = positions.mean(axis=0)
+    centred = torch.from_numpy(positions - centre)
+    a_t, b_t = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    occ_t = torch.tensor(occ, dtype=torch.float64)
+    bb = torch.tensor(bfac, dtype=torch.float64)[:, None] + b_t + extra_bfactor_A2
+    means = centred[:, None, :].expand(-1, a_t.shape[1], 3).reshape(-1, 3)
     variances = (bb / (8 * math.pi**2)).reshape(-1)
-    amplitudes = (a * occ[:, None]).reshape(-1)
+    amplitudes = (a_t * occ_t[:, None]).reshape(-1)
     return means, variances, amplitudes, centre
 
 
@@ -164,10 +163,10 @@ class SimulationConfig:
     seed: int = 0
     batch_size: int = 256
     # higher-order optics of the one optics group (RELION's definitions, cryosplat.ctf)
-    beam_tilt_mrad: tuple[float, float] = (0.0, 0.0)
+    beam_tilt_mrad: tuple[float, ...] = (0.0, 0.0)  # x, y (check() asks for 2)
     odd_zernike: tuple[float, ...] = ()
     even_zernike: tuple[float, ...] = ()
-    mag_matrix: tuple[float, float, float, float] = (1.0, 0.0, 0.0, 1.0)
+    mag_matrix: tuple[float, ...] = (1.0, 0.0, 0.0, 1.0)  # M00, M01, M10, M11 (check(): 4)
     premultiplied: bool = False  # images multiplied once more by their CTF (RELION 4/5)
 
     def check(self) -> None:
@@ -186,7 +185,8 @@ class SimulationConfig:
                 raise InputError(None, f"{name} {value}: out of range")
 
 
-def draw_parameters(cfg: SimulationConfig) -> tuple[torch.Tensor, torch.Tensor, CTFParams, torch.Tensor]:
+def draw_parameters(cfg: SimulationConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor, CTFParams, torch.Tensor]:
     """Poses (RELION A), origins (Å), CTF and half-sets for ``cfg``, from its seed."""
     g = torch.Generator().manual_seed(cfg.seed)
     n = cfg.n_particles
@@ -259,8 +259,8 @@ def simulate_images(volume: torch.Tensor, cfg: SimulationConfig, rotations: torc
     for s in range(0, cfg.n_particles, cfg.batch_size):
         sl = slice(s, min(cfg.n_particles, s + cfg.batch_size))
         c = ctf[sl]
-        clean = forward_images(project(volume, geometry.image_matrices(rotations[sl], c.mag_matrix)),
-                               origin_A[sl], c, cfg.pixel_size_A)
+        matrices = geometry.image_matrices(rotations[sl], c.mag_matrix)
+        clean = forward_images(project(volume, matrices), origin_A[sl], c, cfg.pixel_size_A)
         if sigma is None:
             sigma = float(clean.var(dim=(-2, -1)).mean().sqrt()) / math.sqrt(cfg.snr)
         noisy = clean + sigma * torch.randn(clean.shape, generator=g)
@@ -297,12 +297,15 @@ def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: Sim
                           cfg.amplitude_contrast)]
     source = ImageSource([str(out_dir / "particles.mrcs")], np.zeros(n, dtype=np.int64),
                          np.arange(n), d, d)
-    particles = Particles(str(out_dir / "particles.star"), source, rotations, origin, ctf,
-                          torch.full((n,), cfg.pixel_size_A, dtype=torch.float64),
-                          torch.ones(n, dtype=torch.int64), optics, half)
+    particles = Particles(source=str(out_dir / "particles.star"), images=source,
+                          rotations=rotations, shifts_A=origin, ctf=ctf,
+                          pixel_size_A=torch.full((n,), cfg.pixel_size_A, dtype=torch.float64),
+                          optics_group=torch.ones(n, dtype=torch.int64), optics=optics,
+                          half_set=half)
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
     write_star(out_dir / "particles.star", particles_to_star_tables(particles, names))
     write_volume(out_dir / "ground_truth.mrc", volume, cfg.pixel_size_A,
-                 center_A=None if centre is None else tuple(float(x) for x in centre))
+                 center_A=None if centre is None else (float(centre[0]), float(centre[1]),
+                                                       float(centre[2])))
     return {"particles": str(out_dir / "particles.star"), "stack": str(out_dir / "particles.mrcs"),
             "ground_truth": str(out_dir / "ground_truth.mrc"), "structure": str(structure)}

@@ -96,7 +96,7 @@ def symmetry_matrices(symbol: str) -> torch.Tensor:
                                "I1-I4 (RELION's point groups)") from None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _group(s: str) -> torch.Tensor:
     """The closure of ``s``'s generators (upper case); KeyError for an unknown symbol."""
     m = re.fullmatch(r"([CD])(\d+)", s)

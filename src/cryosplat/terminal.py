@@ -6,6 +6,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -13,7 +15,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from cryosplat.errors import exit_status
-from cryosplat.report import HALF_MAP_CAUTION, describe_cross_validated
+from cryosplat.report import HALF_MAP_CAUTION
+from cryosplat.summary import BackprojectionSummary, Headline, RunSummary
 
 console = Console()
 err_console = Console(stderr=True)
@@ -30,7 +33,8 @@ def progress_bar(description: str, total: int, completed: int = 0) -> Iterator:
         yield lambda n, info="": bar.update(task, advance=n, info=info)
 
 
-def print_resolutions(res: dict) -> None:
+def print_resolutions(res: dict[str, dict[str, float]]) -> None:
+    """A table of FSC curves' resolutions (Å) at 0.143 and 0.5."""
     table = Table("FSC", "0.143 (Å)", "0.5 (Å)")
     for name, r in res.items():
         table.add_row(name, f"{r['0.143']:.2f}", f"{r['0.5']:.2f}")
@@ -74,7 +78,8 @@ def print_info(path, summary: dict) -> None:
     pc = summary["pose_coverage"]
     console.print("poses: " + ("none" if pc is None else
                                f"{pc['occupied_fraction']:.0%} of {pc['directions']} viewing "
-                               f"directions seen; fullest holds {pc['max_over_mean']:.1f}x the mean"))
+                               f"directions seen; fullest holds {pc['max_over_mean']:.1f}x "
+                               "the mean"))
     s = summary["shifts_A"]
     console.print(f"shifts: |origin| up to {s['max_abs']:.2f} Å (rms {s['rms']:.2f} Å)")
     h = summary["half_sets"]
@@ -95,23 +100,24 @@ def print_checks(path, n_particles: int, checks: list[dict], failed: bool) -> No
                   else "[green]ready for reconstruction[/green]")
 
 
-def print_reconstruction(summary: dict) -> None:
+def print_reconstruction(summary: RunSummary) -> None:
     """Resolutions of a finished ``reconstruct``, the cross-validated estimate, the caution."""
-    print_resolutions(summary["resolutions_A"])
-    for i, why in enumerate(summary.get("stopped", []), 1):
+    print_resolutions(summary.resolutions_A)
+    for i, why in enumerate(summary.stopped or [], 1):
         console.print(f"half-set {i} stopped: {why}")
-    if "cross_validated_resolution_A" in summary:
+    if summary.headline.cross_validated_resolution_A is not None:
         console.print(f"[bold]cross-validated resolution[/bold] (each mixture against the other "
-                      f"half-set's direct map, FSC 0.5): {describe_cross_validated(summary)}")
+                      f"half-set's direct map, FSC 0.5): "
+                      f"{summary.headline.describe_cross_validated()}")
     console.print(f"[yellow]caution:[/yellow] {HALF_MAP_CAUTION}")
-    print_postprocess(summary.get("postprocess"))
-    if "refinement" in summary:  # cryosplat refine
-        r = summary["refinement"]
+    print_postprocess(summary.postprocess)
+    if summary.refinement is not None:  # cryosplat refine
+        r = summary.refinement
         med = r["median_change_from_input"]
         console.print(f"[bold]refined poses[/bold]: {r['particles_star']} (median change "
                       f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, "
                       f"{med['defocus_A']:.0f} Å of defocus)")
-    console.print(f"report: {summary['report']}")
+    console.print(f"report: {summary.report}")
 
 
 def print_postprocess(pp: dict | None) -> None:
@@ -126,23 +132,26 @@ def print_postprocess(pp: dict | None) -> None:
                   f"map {pp['maps']['postprocess']}")
 
 
-def print_demo(gaussian: dict, baseline: dict, out, nyquist_A: float, seconds: float) -> None:
+def print_demo(gaussian: RunSummary, baseline: BackprojectionSummary, out: Path,
+               nyquist_A: float, seconds: float) -> None:
     """The demo's table (both methods' half-map, cross-validated and truth resolutions), its
     time and where its outputs are."""
     table = Table("", "half-maps 0.143 (Å)", "cross-val. 0.5 (Å)", "vs truth 0.143 (Å)",
                   "vs truth 0.5 (Å)")
-    cv = gaussian["cross_validated_resolution_A"]
-    limit = "≤ " if gaussian["cross_validated_is_limit"] else ""
-    for name, r, c in (("Gaussian mixture", gaussian, f"{limit}{cv:.2f}"),
-                       ("direct Fourier inversion", baseline, "")):
-        table.add_row(name, f"{r['half_map_resolution_A']:.2f}", c,
-                      f"{r['truth_resolution_A_0.143']:.2f}", f"{r['truth_resolution_A_0.5']:.2f}")
+    g = gaussian.headline
+    limit = "≤ " if g.cross_validated_is_limit else ""
+    rows: list[tuple[str, Headline, str]] = [
+        ("Gaussian mixture", g, f"{limit}{g.cross_validated_resolution_A:.2f}"),
+        ("direct Fourier inversion", baseline.headline, "")]
+    for name, r, c in rows:
+        table.add_row(name, f"{r.half_map_resolution_A:.2f}", c,
+                      f"{r.truth_resolution_A_0143:.2f}", f"{r.truth_resolution_A_05:.2f}")
     console.print(table)
     console.print("The half-map FSC of two Gaussian mixtures shares their bias; the cross-"
                   "validated estimate compares each mixture with the other half-set's direct map "
                   "(docs/reconstruct.md).")
     console.print(f"Nyquist {nyquist_A:.2f} Å; {seconds:.0f} s in all")
-    console.print(f"report: [bold]{gaussian['report']}[/bold]")
+    console.print(f"report: [bold]{gaussian.report}[/bold]")
     console.print(f"data: {out / 'data'}; baseline: {out / 'backprojection'}; reconstruction: "
                   f"{out / 'reconstruction'}")
 
@@ -167,6 +176,7 @@ def run_app(app: typer.Typer) -> None:
         click_error = next(c for c in typer.BadParameter.__mro__
                            if c.__name__ == "ClickException")
         if isinstance(e, click_error):  # usage errors of typer's click
-            e.show()
-            sys.exit(e.exit_code)
+            usage: Any = e
+            usage.show()
+            sys.exit(usage.exit_code)
         raise

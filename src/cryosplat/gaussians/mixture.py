@@ -28,6 +28,8 @@ class GaussianMixture(torch.nn.Module):
       construction) that keeps the trained numbers near 1 whatever the data's scale.
     """
 
+    amplitude_unit: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, means_A: torch.Tensor, scales_A: torch.Tensor,
                  quaternions: torch.Tensor, amplitudes: torch.Tensor):
         super().__init__()
@@ -51,7 +53,7 @@ class GaussianMixture(torch.nn.Module):
 
     @classmethod
     def from_raw(cls, means_A: torch.Tensor, log_scales_A: torch.Tensor, quaternions: torch.Tensor,
-                 raw_amplitudes: torch.Tensor, amplitude_unit: torch.Tensor) -> "GaussianMixture":
+                 raw_amplitudes: torch.Tensor, amplitude_unit: torch.Tensor) -> GaussianMixture:
         """A mixture from stored (raw) parameters, e.g. a state dict or a densified model."""
         m = cls(means_A.detach(), log_scales_A.detach().exp(), quaternions.detach(),
                 torch.ones_like(raw_amplitudes.detach()))
@@ -64,7 +66,7 @@ class GaussianMixture(torch.nn.Module):
     @classmethod
     def random(cls, n: int, radius_A: float, scale_A: float, amplitude: float = 1.0,
                generator: torch.Generator | None = None, dtype=torch.float32,
-               device=None) -> "GaussianMixture":
+               device=None) -> GaussianMixture:
         """``n`` isotropic Gaussians, uniform in a ball of ``radius_A``, random orientations."""
         u = torch.rand(n, 1, generator=generator, dtype=torch.float64)
         d = torch.randn(n, 3, generator=generator, dtype=torch.float64)
@@ -77,10 +79,12 @@ class GaussianMixture(torch.nn.Module):
 
     @property
     def scales_A(self) -> torch.Tensor:
+        """`(N, 3)` standard deviations along the Gaussians' own axes, Å."""
         return self.log_scales_A.exp()
 
     @property
     def amplitudes(self) -> torch.Tensor:
+        """`(N,)` positive masses (integral of each normalised Gaussian's density)."""
         return self.amplitude_unit * F.softplus(self.raw_amplitudes)
 
     @torch.no_grad()
@@ -109,7 +113,7 @@ class GaussianMixture(torch.nn.Module):
                                           symmetry)
         return voxelise(means, cov, amp, box_size, voxel_size_A, **kwargs)
 
-    def expanded(self, symmetry: torch.Tensor | None) -> "GaussianMixture":
+    def expanded(self, symmetry: torch.Tensor | None) -> GaussianMixture:
         """A new mixture (no gradient) of the G symmetry copies of this one: what the
         reconstruction holds, for exports and pictures; this one without ``symmetry``."""
         if symmetry is None or len(symmetry) == 1:

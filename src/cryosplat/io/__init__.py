@@ -32,10 +32,11 @@ def read_particles(path: str | Path, datadir: str | Path | None = None,
     ``pixel_size_A`` is the pixel size of files that give none. With ``one_pixel_size`` (what
     the commands ask for), optics groups that differ in pixel size or box are Fourier-rescaled
     to one (the smallest pixel size, or ``pixel_size_A`` for files that give theirs;
-    :meth:`Particles.rescaled`); without it the file is read as it is. ``box_size`` then Fourier-crops the images on read (pixel
-    size updated); ``max_particles`` keeps the first N; ``invert`` negates the images on read
-    (dark particles), relative to what the file says (a cryoSPARC ``blob/sign`` of -1
-    already negates them). ``amplitude_contrast`` is for files that give none.
+    :meth:`Particles.rescaled`); without it the file is read as it is. ``box_size`` then
+    Fourier-crops the images on read (pixel size updated); ``max_particles`` keeps the first
+    N; ``invert`` negates the images on read (dark particles), relative to what the file
+    says (a cryoSPARC ``blob/sign`` of -1 already negates them). ``amplitude_contrast`` is
+    for files that give none.
     """
     path = Path(path)
     suffix = path.suffix.lower()

@@ -70,7 +70,8 @@ def load_arrays_pkl(path: str | Path):
     items = obj if isinstance(obj, tuple) else (obj,)
     for i, a in enumerate(items):
         if not isinstance(a, np.ndarray) or a.dtype.kind not in "fiu":
-            what = f"{type(a).__name__}" + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray) else "")
+            what = type(a).__name__ + (f" of dtype {a.dtype}" if isinstance(a, np.ndarray)
+                                       else "")
             raise InputError(path, f"item {i} is a {what}; expected numeric numpy arrays")
     return obj
 
@@ -79,11 +80,15 @@ def read_poses_pkl(path: str | Path, n: int | None = None) -> tuple[np.ndarray, 
     """cryoDRGN poses: `(N, 3, 3)` matrices ``A`` and `(N, 2)` translations (box fraction)."""
     path = Path(path)
     obj = load_arrays_pkl(path)
-    rot, trans = (obj[0], obj[1] if len(obj) > 1 else None) if isinstance(obj, tuple) else (obj, None)
+    if isinstance(obj, tuple):
+        rot, trans = obj[0], obj[1] if len(obj) > 1 else None
+    else:
+        rot, trans = obj, None
     if rot.ndim != 3 or rot.shape[1:] != (3, 3):
         raise InputError(path, f"rotations have shape {rot.shape}; expected (N, 3, 3)")
     if trans is not None and (trans.ndim != 2 or trans.shape != (rot.shape[0], 2)):
-        raise InputError(path, f"translations have shape {trans.shape}; expected ({rot.shape[0]}, 2)")
+        raise InputError(path, f"translations have shape {trans.shape}; expected "
+                               f"({rot.shape[0]}, 2)")
     if n is not None and rot.shape[0] != n:
         raise InputError(path, f"holds {rot.shape[0]} poses; the image stack holds {n} images")
     rot = check_finite(path, "rotations", rot.astype(np.float64))
@@ -122,16 +127,21 @@ def read_cryodrgn(stack: str | Path, poses: str | Path | None, ctf: str | Path |
     if ctf is not None:
         c = read_ctf_pkl(ctf, n)
         if (c[:, 0] != box).any():
-            raise InputError(ctf, f"column 0 (box size) is {c[0, 0]:g}; the stack's images are {box}")
+            raise InputError(ctf, f"column 0 (box size) is {c[0, 0]:g}; the stack's images are "
+                                  f"{box}")
         pix = check_range(ctf, "pixel size (column 1)", c[:, 1], 0, np.inf, lo_open=True)
         check_range(ctf, "voltage (column 5)", c[:, 5], 0, 3000, lo_open=True)
         check_range(ctf, "amplitude contrast (column 7)", c[:, 7], 0, 1, hi_open=True)
         ctf_params = CTFParams(
-            defocus_u_A=torch.from_numpy(c[:, 2].copy()), defocus_v_A=torch.from_numpy(c[:, 3].copy()),
-            defocus_angle_deg=torch.from_numpy(c[:, 4].copy()), voltage_kV=torch.from_numpy(c[:, 5].copy()),
-            cs_mm=torch.from_numpy(c[:, 6].copy()), amplitude_contrast=torch.from_numpy(c[:, 7].copy()),
+            defocus_u_A=torch.from_numpy(c[:, 2].copy()),
+            defocus_v_A=torch.from_numpy(c[:, 3].copy()),
+            defocus_angle_deg=torch.from_numpy(c[:, 4].copy()),
+            voltage_kV=torch.from_numpy(c[:, 5].copy()),
+            cs_mm=torch.from_numpy(c[:, 6].copy()),
+            amplitude_contrast=torch.from_numpy(c[:, 7].copy()),
             phase_shift_deg=torch.from_numpy(c[:, 8].copy()),
-            bfactor_A2=torch.zeros(n, dtype=torch.float64), scale=torch.ones(n, dtype=torch.float64))
+            bfactor_A2=torch.zeros(n, dtype=torch.float64),
+            scale=torch.ones(n, dtype=torch.float64))
         defaults["B-factor, scale"] = "0 Å^2, 1 (ctf.pkl has neither)"
     if pix is None:
         p = pixel_size_A if pixel_size_A is not None else header_pixel_size(h)
@@ -161,6 +171,7 @@ def read_cryodrgn(stack: str | Path, poses: str | Path | None, ctf: str | Path |
               for k in ("voltage_kV", "cs_mm", "amplitude_contrast"))))
     source = ImageSource([str(stack)], np.zeros(n, dtype=np.int64), np.arange(n), box, box)
     defaults["half-sets"] = "none (assigned at random by the run's seed)"
-    return Particles(str(stack), source, rotations, shifts, ctf_params, torch.from_numpy(pix),
-                     torch.from_numpy(group.astype(np.int64) + 1), optics,
-                     torch.zeros(n, dtype=torch.int64), defaults)
+    return Particles(source=str(stack), images=source, rotations=rotations, shifts_A=shifts,
+                     ctf=ctf_params, pixel_size_A=torch.from_numpy(pix),
+                     optics_group=torch.from_numpy(group.astype(np.int64) + 1), optics=optics,
+                     half_set=torch.zeros(n, dtype=torch.int64), defaults=defaults)

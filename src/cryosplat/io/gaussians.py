@@ -52,12 +52,13 @@ def write_ply(path: str | Path, mixture, box_size: int, voxel_size_A: float) -> 
 def read_ply(path: str | Path) -> dict[str, np.ndarray]:
     """Read a .ply written by :func:`write_ply`: {property name: `(M,)` array}."""
     with open(path, "rb") as f:
-        names, n = [], None
+        names: list[str] = []
+        n = None
         while True:
-            line = f.readline()
-            if not line:
+            raw = f.readline()
+            if not raw:
                 raise ValueError(f"{path}: no end_header")
-            line = line.decode("ascii").strip()
+            line = raw.decode("ascii").strip()
             if line.startswith("element vertex"):
                 n = int(line.split()[-1])
             elif line.startswith("property float"):
@@ -79,7 +80,8 @@ def write_pdb(path: str | Path, mixture, box_size: int, voxel_size_A: float) -> 
     occ = amp / max(float(amp.max()), 1e-30)
     structure = gemmi.Structure()
     structure.name = "cryosplat"
-    structure.cell = gemmi.UnitCell(*([box_size * voxel_size_A] * 3), 90, 90, 90)
+    side_A = box_size * voxel_size_A
+    structure.cell = gemmi.UnitCell(side_A, side_A, side_A, 90, 90, 90)
     model = gemmi.Model(1)
     per_chain = 9999
     for c in range(math.ceil(len(xyz) / per_chain)):

@@ -130,24 +130,26 @@ class ImageSource:
     def __len__(self) -> int:
         return len(self.slice_index)
 
-    def _with(self, **changes) -> "ImageSource":
+    def _with(self, **changes) -> ImageSource:
         keep = {k: getattr(self, k) for k in ("files", "file_index", "slice_index",
                                               "stored_box_size", "box_size", "source_box",
                                               "source_pixel_A", "target_pixel_A")}
         return ImageSource(**{**keep, **changes})
 
-    def subset(self, indices: np.ndarray) -> "ImageSource":
+    def subset(self, indices: np.ndarray) -> ImageSource:
+        """The images ``indices`` `(n,)`, in that order."""
         def cut(a):
             return None if a is None else a[indices]
         return self._with(file_index=self.file_index[indices],
                           slice_index=self.slice_index[indices],
                           source_box=cut(self.source_box), source_pixel_A=cut(self.source_pixel_A))
 
-    def with_box_size(self, box_size: int) -> "ImageSource":
+    def with_box_size(self, box_size: int) -> ImageSource:
+        """The same images read at ``box_size`` pixels (Fourier cropped or padded)."""
         return self._with(box_size=box_size)
 
     def rescaled(self, source_pixel_A: np.ndarray, target_pixel_A: float,
-                 box_size: int) -> "ImageSource":
+                 box_size: int) -> ImageSource:
         """The same images brought on read to ``target_pixel_A`` and a common ``box_size``:
         each Fourier-padded or cropped by its :func:`rescaled_box` (:func:`rescale_images`)."""
         return self._with(source_pixel_A=np.asarray(source_pixel_A, dtype=np.float64),
@@ -192,6 +194,7 @@ class ImageSource:
         return self._open[k]
 
     def close(self) -> None:
+        """Close the stacks this process opened (a forked copy leaves its parent's)."""
         if self._pid == os.getpid():
             for _, fd in self._open.values():
                 os.close(fd)
@@ -233,8 +236,10 @@ class ImageSource:
             finite = np.isfinite(block.reshape(len(sl), -1)).all(axis=1)
             if not finite.all():
                 bad = int(sl[order][np.argmin(finite)])
-                raise InputError(self.files[k], f"image {bad + 1} (1-based) holds NaN or Inf pixels")
+                raise InputError(self.files[k], f"image {bad + 1} (1-based) holds NaN or Inf "
+                                                "pixels")
             if self.target_pixel_A is not None:
+                assert self.source_pixel_A is not None  # set with the target (rescaled())
                 src = self.source_pixel_A[indices[rows[order]]]
                 block = rescale_images(block, src, self.target_pixel_A, d0)
             out[rows[order]] = block
@@ -262,10 +267,10 @@ def rescale_images(images: np.ndarray, pixel_size_A: np.ndarray, target_pixel_A:
     for pix in np.unique(pixel_size_A):
         rows = np.nonzero(pixel_size_A == pix)[0]
         b = rescaled_box(d, float(pix), target_pixel_A)
-        x = torch.from_numpy(np.ascontiguousarray(images[rows]))
+        t = torch.from_numpy(np.ascontiguousarray(images[rows]))
         if b != d:
-            x = fourier_resample(x, b)
-        x = x.numpy()
+            t = fourier_resample(t, b)
+        x = t.numpy()
         if b >= box_size:
             s = b // 2 - box_size // 2
             out[rows] = x[:, s:s + box_size, s:s + box_size]

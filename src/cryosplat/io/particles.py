@@ -26,7 +26,7 @@ class OpticsGroup:
     amplitude_contrast: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Particles:
     """A particle dataset.
 
@@ -65,9 +65,10 @@ class Particles:
 
     @property
     def box_size(self) -> int:
+        """`D`, the images' side in pixels as read."""
         return self.images.box_size
 
-    def subset(self, indices) -> "Particles":
+    def subset(self, indices) -> Particles:
         """The particles ``indices`` (array of ints or boolean mask), in that order."""
         idx = np.asarray(indices)
         if idx.dtype == bool:
@@ -85,11 +86,11 @@ class Particles:
             origin_scale=None if self.origin_scale is None else self.origin_scale[t],
         )
 
-    def first(self, n: int | None) -> "Particles":
+    def first(self, n: int | None) -> Particles:
         """The first ``n`` particles (all if None)."""
         return self if n is None or n >= len(self) else self.subset(np.arange(n))
 
-    def downsample(self, box_size: int) -> "Particles":
+    def downsample(self, box_size: int) -> Particles:
         """Fourier-crop the images to ``box_size`` on read; pixel sizes grow by D/d."""
         d = self.images.stored_box_size
         if not 1 < box_size <= d:
@@ -113,7 +114,7 @@ class Particles:
             raise InputError(self.source, f"--pixel-size {target}: expected a positive size")
         return target, max(rescaled_box(o.box_size, o.pixel_size_A, target) for o in self.optics)
 
-    def rescaled(self, target_pixel_A: float | None = None) -> "Particles":
+    def rescaled(self, target_pixel_A: float | None = None) -> Particles:
         """Every optics group brought to one pixel size (the smallest of the groups unless
         ``target_pixel_A``) and one box, as RELION reconstructs groups of different pixel
         sizes together.
@@ -121,8 +122,8 @@ class Particles:
         Each group's images are Fourier-padded or cropped to the box nearest its field of view
         at the target (:func:`cryosplat.io.mrc.rescaled_box`), then padded or cropped in real
         space to the largest such box. That box's true pixel ``p'`` differs from the target
-        ``p`` by the rounding (0.2% for 196 px from 1.25 to 1.24 Å: 198 px); the difference is carried
-        exactly as an isotropic magnification ``p / p'`` (on top of the group's own
+        ``p`` by the rounding (0.2% for 196 px from 1.25 to 1.24 Å: 198 px); the difference is
+        carried exactly as an isotropic magnification ``p / p'`` (on top of the group's own
         rlnMagMat) and the origins in Å are scaled by the same factor, so that nothing is
         approximated beyond the Fourier interpolation itself."""
         target, common = self.common_grid(target_pixel_A)
@@ -147,6 +148,7 @@ class Particles:
             origin_scale=ratio if self.origin_scale is None else self.origin_scale * ratio)
 
     def require_poses(self) -> torch.Tensor:
+        """The rotations `(N, 3, 3)` (RELION's ``A``), or an InputError naming the file."""
         if self.rotations is None:
             raise InputError(self.source, "no poses (rlnAngleRot/Tilt/Psi, alignments3D/pose or "
                                           "a poses.pkl): reconstruction needs particles from a "
@@ -154,6 +156,7 @@ class Particles:
         return self.rotations
 
     def require_ctf(self) -> CTFParams:
+        """The CTF parameters, or an InputError naming the file."""
         if self.ctf is None:
             raise InputError(self.source, "no CTF parameters (rlnDefocusU, ctf/df1_A or a "
                                           "ctf.pkl)")

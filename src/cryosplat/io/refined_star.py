@@ -54,7 +54,7 @@ def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.Dat
             for c in old.columns:
                 if c not in particles.columns and c not in _SUPERSEDED_30:
                     particles[c] = old[c].to_numpy()
-    euler = geometry.matrix_to_euler_relion(refined.rotations).numpy()
+    euler = geometry.matrix_to_euler_relion(refined.require_poses()).numpy()
     for i, c in enumerate(ANGLE_COLUMNS):
         particles[c] = euler[:, i]
     # in the file's own Å (rescaled groups carry their rounding as a scale: Particles.rescaled)
@@ -62,8 +62,9 @@ def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.Dat
         refined.shifts_A / refined.origin_scale[:, None]
     particles["rlnOriginXAngst"] = shifts[:, 0].numpy()
     particles["rlnOriginYAngst"] = shifts[:, 1].numpy()
-    particles["rlnDefocusU"] = refined.ctf.defocus_u_A.numpy()
-    particles["rlnDefocusV"] = refined.ctf.defocus_v_A.numpy()
+    ctf = refined.require_ctf()
+    particles["rlnDefocusU"] = ctf.defocus_u_A.numpy()
+    particles["rlnDefocusV"] = ctf.defocus_v_A.numpy()
     particles["rlnRandomSubset"] = np.asarray(half_set, dtype=np.int64)
     tables["particles"] = particles
     return tables

@@ -15,8 +15,8 @@ import torch
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams
 from cryosplat.errors import InputError
-from cryosplat.io.optics import image_model_columns, relion_optics_terms
 from cryosplat.io.mrc import ImageSource, header_pixel_size, read_header
+from cryosplat.io.optics import image_model_columns, relion_optics_terms
 from cryosplat.io.particles import OpticsGroup, Particles, check_finite, check_range
 
 ANGLE_COLUMNS = ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")
@@ -102,7 +102,8 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
         bad = ~np.isin(half, (1, 2))
         if bad.any():
             row = int(np.nonzero(bad)[0][0])
-            raise InputError(path, f"rlnRandomSubset row {row + 1} is {half[row]:g}; expected 1 or 2")
+            raise InputError(path, f"rlnRandomSubset row {row + 1} is {half[row]:g}; expected 1 "
+                                   "or 2")
         half_set = torch.from_numpy(half.astype(np.int64))
     else:
         half_set = torch.zeros(n, dtype=torch.int64)
@@ -111,8 +112,10 @@ def read_star(path: str | Path, datadir: str | Path | None = None,
     source = ImageSource(images_files, file_index, slice_index, int(box_of.max()),
                          int(box_of.max()), source_box=None if (box_of == box_of[0]).all()
                          else box_of.astype(np.int64))
-    return Particles(str(path), source, rotations, shifts, ctf, torch.from_numpy(pixel),
-                     torch.from_numpy(group.astype(np.int64)), optics, half_set, defaults,
+    return Particles(source=str(path), images=source, rotations=rotations, shifts_A=shifts,
+                     ctf=ctf, pixel_size_A=torch.from_numpy(pixel),
+                     optics_group=torch.from_numpy(group.astype(np.int64)), optics=optics,
+                     half_set=half_set, defaults=defaults,
                      image_model=image_model_columns(columns))
 
 
@@ -211,7 +214,8 @@ def _optics_31(path: Path, optics_df: pd.DataFrame, particles: pd.DataFrame,
         values = {}
         for key, col in OPTICS_CTF_COLUMNS.items():
             values[key] = float(_column(path, row, col)[0]) if col in row.columns else float("nan")
-        name = str(row["rlnOpticsGroupName"].iloc[0]) if "rlnOpticsGroupName" in row else f"opticsGroup{number}"
+        name = (str(row["rlnOpticsGroupName"].iloc[0]) if "rlnOpticsGroupName" in row
+                else f"opticsGroup{number}")
         optics.append(OpticsGroup(number, name, float(pix), int(box), **values))
     numbers = {o.number for o in optics}
     if "rlnOpticsGroup" in particles.columns:
@@ -257,7 +261,8 @@ def _optics_30(path: Path, particles: pd.DataFrame, files: list[str], pixel_size
     values = {}
     for key, col in OPTICS_CTF_COLUMNS.items():
         # per-particle values in 3.0 files; the group's shows the first (the CTF uses each row's)
-        values[key] = float(_column(path, particles, col)[0]) if col in particles.columns else float("nan")
+        values[key] = (float(_column(path, particles, col)[0]) if col in particles.columns
+                       else float("nan"))
     # RELION 3.0 has no optics table: one group per distinct pixel size.
     optics = [OpticsGroup(i + 1, f"opticsGroup{i + 1}", float(p), box, **values)
               for i, p in enumerate(uniq)]
@@ -284,7 +289,8 @@ def _box_from_header(path: Path, stack: str, why: str) -> int:
 
 def _shifts(path: Path, particles: pd.DataFrame, pixel: np.ndarray, defaults) -> torch.Tensor:
     n = len(particles)
-    for x, y, unit in (("rlnOriginXAngst", "rlnOriginYAngst", "A"), ("rlnOriginX", "rlnOriginY", "px")):
+    for x, y, unit in (("rlnOriginXAngst", "rlnOriginYAngst", "A"),
+                       ("rlnOriginX", "rlnOriginY", "px")):
         has = (x in particles.columns, y in particles.columns)
         if all(has):
             xy = np.stack([_column(path, particles, x), _column(path, particles, y)], axis=-1)

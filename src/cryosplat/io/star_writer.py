@@ -11,14 +11,15 @@ import starfile
 import torch
 
 from cryosplat import geometry
+from cryosplat.ctf import CTFParams
 from cryosplat.io.atomic import atomic_path
 from cryosplat.io.mrc import write_stack
 from cryosplat.io.particles import Particles
 from cryosplat.io.star import ANGLE_COLUMNS, OPTICS_CTF_COLUMNS
 
 
-
-def particles_to_star_tables(particles: Particles, image_names: list[str]) -> dict[str, pd.DataFrame]:
+def particles_to_star_tables(particles: Particles,
+                             image_names: list[str]) -> dict[str, pd.DataFrame]:
     """RELION 3.1 data_optics and data_particles tables for ``particles``."""
     optics = pd.DataFrame({
         "rlnOpticsGroup": [o.number for o in particles.optics],
@@ -33,15 +34,16 @@ def particles_to_star_tables(particles: Particles, image_names: list[str]) -> di
     table: dict[str, object] = {"rlnImageName": image_names}
     if particles.rotations is not None:
         euler = geometry.matrix_to_euler_relion(particles.rotations).numpy()
-        for i, c in enumerate(ANGLE_COLUMNS):
-            table[c] = euler[:, i]
+        for i, column in enumerate(ANGLE_COLUMNS):
+            table[column] = euler[:, i]
     table["rlnOriginXAngst"] = particles.shifts_A[:, 0].numpy()
     table["rlnOriginYAngst"] = particles.shifts_A[:, 1].numpy()
     if particles.ctf is not None:
         c = particles.ctf
         table.update({
             "rlnDefocusU": c.defocus_u_A.numpy(), "rlnDefocusV": c.defocus_v_A.numpy(),
-            "rlnDefocusAngle": c.defocus_angle_deg.numpy(), "rlnPhaseShift": c.phase_shift_deg.numpy(),
+            "rlnDefocusAngle": c.defocus_angle_deg.numpy(),
+            "rlnPhaseShift": c.phase_shift_deg.numpy(),
             "rlnCtfBfactor": c.bfactor_A2.numpy(), "rlnCtfScalefactor": c.scale.numpy(),
         })
         # Per-particle optics values win over the group's (RELION reads them so).
@@ -51,16 +53,16 @@ def particles_to_star_tables(particles: Particles, image_names: list[str]) -> di
             mine = getattr(c, key).numpy()
             if not np.allclose(mine, group_values[key], equal_nan=False):
                 table[col] = mine
-        _write_optics_terms(optics, particles)
+        _write_optics_terms(optics, particles, c)
     table["rlnOpticsGroup"] = particles.optics_group.numpy()
     if (particles.half_set > 0).all():
         table["rlnRandomSubset"] = particles.half_set.numpy()
     return {"optics": optics, "particles": pd.DataFrame(table)}
 
 
-def _write_optics_terms(optics: pd.DataFrame, particles: Particles) -> None:
-    """Add each group's higher-order optics (its first particle's) to a data_optics table."""
-    c = particles.ctf
+def _write_optics_terms(optics: pd.DataFrame, particles: Particles, c: CTFParams) -> None:
+    """Add each group's higher-order optics (its first particle's CTF ``c``) to a data_optics
+    table."""
     first = [int(torch.nonzero(particles.optics_group == o.number)[0])
              if bool((particles.optics_group == o.number).any()) else 0 for o in particles.optics]
 

@@ -1,7 +1,8 @@
 """One post-processing folder: :func:`~cryosplat.postprocess.sharpen.postprocess` of two
 half-maps, written as postprocess.mrc, postprocess_masked.mrc, postprocess_mask.mrc,
-fsc.csv/png, guinier.png, map_views.png, summary.json and report.html. ``cryosplat postprocess`` makes one
-from two MRC files (:func:`postprocess_files`, then :func:`write_postprocess`); ``reconstruct`` from its own half-maps
+fsc.csv/png, guinier.png, map_views.png, summary.json and report.html. ``cryosplat
+postprocess`` makes one from two MRC files (:func:`postprocess_files`, then
+:func:`write_postprocess`); ``reconstruct`` from its own half-maps
 (:func:`postprocess_half_maps`, into DIR/postprocess)."""
 
 from __future__ import annotations
@@ -15,10 +16,40 @@ import torch
 from cryosplat.errors import InputError
 from cryosplat.io.atomic import write_json
 from cryosplat.io.mrc import read_map_like, read_volume, write_maps
-from cryosplat.postprocess.sharpen import PostProcessed, postprocess
 from cryosplat.mapviews import plot_map_views
-from cryosplat.report import (embed_png, map_section, plot_guinier, postprocess_paragraph,
-                              write_fsc, write_page)
+from cryosplat.postprocess.sharpen import PostProcessed, postprocess
+from cryosplat.report import (
+    embed_png,
+    map_section,
+    postprocess_paragraph,
+    pyplot,
+    save_figure,
+    write_fsc,
+    write_page,
+)
+
+
+def plot_guinier(path, result: PostProcessed) -> None:
+    """guinier.png: ln mean amplitude per shell against 1/d² for the input, FSC-weighted and
+    sharpened map, the fitted line over its range, and the resolution."""
+    plt = pyplot()
+    g = result.guinier
+    fig, ax = plt.subplots(figsize=(6.5, 4), dpi=120)
+    for name, y in g.ln_amplitude.items():
+        ax.plot(g.k2_per_A2[1:], y[1:], label=name)
+    if g.fitted.any():
+        x = g.k2_per_A2[g.fitted]
+        ax.plot(x, g.intercept + g.slope * x, "k--",
+                label=f"fit {g.fit_range_A[0]:.1f}-{g.fit_range_A[1]:.1f} Å: "
+                      f"B = {result.bfactor_A2:.0f} Å²")
+    ax.axvline(1 / result.resolution_A**2, color="grey", lw=0.8, ls=":",
+               label=f"resolution {result.resolution_A:.2f} Å")
+    ax.set_xlabel("1/d² (1/Å²)")
+    ax.set_ylabel("ln(mean amplitude)")
+    ax.set_title(f"Guinier plot; sharpened with B = {result.bfactor_A2:.0f} Å²")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, source: str) -> dict:

@@ -63,6 +63,8 @@ class PostProcessed:
     guinier: Guinier
 
     def summary(self) -> dict:
+        """The numbers of ``postprocess/summary.json``: resolution (Å), B-factor (Å²),
+        low-pass (Å), Guinier fit range (Å) and slope (Å²)."""
         return {"resolution_A": self.resolution_A, "bfactor_A2": self.bfactor_A2,
                 "lowpass_A": self.lowpass_A, "guinier_fit_range_A": list(self.guinier.fit_range_A),
                 "guinier_slope_A2": self.guinier.slope}

@@ -23,17 +23,21 @@ import torch
 
 from cryosplat.backproject import insert_particles
 from cryosplat.errors import InputError
-from cryosplat.fourier_slice import PaddedGrid, as_sampled
+from cryosplat.fourier_slice import Insertion, PaddedGrid, as_sampled
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.geometry import rotation_angle_deg
 from cryosplat.io import Particles
-from cryosplat.refine.search import (Pose, SearchConfig, alignment_limit, alignment_points,
-                                     refine_batch)
+from cryosplat.refine.search import (
+    Pose,
+    SearchConfig,
+    alignment_limit,
+    alignment_points,
+    refine_batch,
+)
 from cryosplat.symmetry import symmetry_or_none
-from cryosplat.train.config import TrainConfig
-from cryosplat.train.distributed import (all_reduce_sum, barrier, broadcast_object,
-                                         rank_and_world)
 from cryosplat.train.checkpoint import save_state
+from cryosplat.train.config import TrainConfig
+from cryosplat.train.distributed import all_reduce_sum, barrier, broadcast_object, rank_and_world
 from cryosplat.train.halves import step_halves
 from cryosplat.train.volume import HalfSetVolumeFit, make_fits, split_held_out
 
@@ -60,15 +64,16 @@ class RefineConfig:
                                    "or 0 for each half-set's own limit")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RefineConfig":
+    def from_dict(cls, d: dict) -> RefineConfig:
+        """The settings of ``config.json``'s ``refine`` entry."""
         return cls(**{**d, "search": SearchConfig(**d["search"])})
 
 
 def with_poses(p: Particles, pose: Pose) -> Particles:
     """``p`` with the rotations, origins and defocus changes of ``pose`` (all `N` rows)."""
-    change = pose.defocus_change_A.to(p.ctf.defocus_u_A.dtype)
-    ctf = replace(p.ctf, defocus_u_A=p.ctf.defocus_u_A + change,
-                  defocus_v_A=p.ctf.defocus_v_A + change)
+    c = p.require_ctf()
+    change = pose.defocus_change_A.to(c.defocus_u_A.dtype)
+    ctf = replace(c, defocus_u_A=c.defocus_u_A + change, defocus_v_A=c.defocus_v_A + change)
     return replace(p, rotations=pose.rotations.to(torch.float64),
                    shifts_A=pose.origins_A.to(torch.float64), ctf=ctf)
 
@@ -98,13 +103,16 @@ class HalfReference:
     limit_shell: int
     regression: torch.Tensor
     model: dict[str, torch.Tensor]
-    stop_reason: str
+    stop_reason: str | None
 
 
 def half_reference(fit: HalfSetVolumeFit, cfg: RefineConfig) -> HalfReference:
     """The :class:`HalfReference` of a fitted half-set: the limit from its own held-out
     particles, capped by ``cfg.max_resolution_A``."""
     d, pix = fit.d, fit.pix
+    if fit.held_out is None:
+        raise InputError(None, f"half-set {fit.half} holds no particles out: refine finds its "
+                               "alignment limit from them")
     with torch.no_grad():
         vox = fit.volume()
         shell, r = alignment_limit(fit.objective.transform(vox.to(fit.device)), fit.held_out)
@@ -171,10 +179,12 @@ def fit_halves(p: Particles, half: np.ndarray, halves: tuple[int, ...], train: T
     """The mixtures of half-sets ``halves`` fitted each to its own particles at the poses of
     ``p``: seeded in its own support (``models`` None) or continued from ``models`` (both
     half-sets'). ``advance(1)`` after each step."""
-    ins, sym = [], symmetry_or_none(train.symmetry, device)
+    sym = symmetry_or_none(train.symmetry, device)
+    ins: list[tuple[Insertion, Insertion | None]] = []
     for h in halves:
         tr, held = split_held_out(np.nonzero(half == h)[0], train.holdout_fraction, train.seed, h)
-        ins.append(tuple(insert_particles(p, i, device=device, symmetry=sym) for i in (tr, held)))
+        ins.append((insert_particles(p, tr, device=device, symmetry=sym),
+                    insert_particles(p, held, device=device, symmetry=sym)))
     if models is None:
         fits = make_fits(ins, train, pix, device, out=None, log=log, halves=halves)
     else:
@@ -188,7 +198,8 @@ def fit_halves(p: Particles, half: np.ndarray, halves: tuple[int, ...], train: T
 def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg: RefineConfig,
                          device: torch.device, checkpoint: Path | None = None,
                          resume: dict | None = None, log: Callable[[str], None] = print,
-                         progress=None) -> tuple[Pose, list[dict], list[GaussianMixture]]:
+                         progress=None
+                         ) -> tuple[Pose, list[dict], list[GaussianMixture] | None]:
     """Alternate fits and searches for ``cfg.iterations`` iterations (module docstring).
 
     Under torchrun with `W` processes, process ``(h - 1) % W`` fits half-set ``h`` and sends

@@ -15,12 +15,18 @@ import numpy as np
 
 from cryosplat.errors import InputError
 from cryosplat.io.refined_star import write_refined_star
-from cryosplat.refine.loop import (RefineConfig, input_pose, pose_changes, refine_gold_standard,
-                                   with_poses)
-from cryosplat.report import plot_pose_changes
 from cryosplat.progress import ProgressFactory, no_progress
+from cryosplat.refine.loop import (
+    RefineConfig,
+    input_pose,
+    pose_changes,
+    refine_gold_standard,
+    with_poses,
+)
+from cryosplat.report import plot_pose_changes
 from cryosplat.run import run_reconstruction, start_reconstruction
 from cryosplat.run_config import RunConfig
+from cryosplat.summary import RunSummary
 from cryosplat.train import TrainConfig, rank_and_world, resolve_device
 from cryosplat.train.checkpoint import load_state
 from cryosplat.train.distributed import leave_group
@@ -35,7 +41,8 @@ class RefineRunConfig(RunConfig):
     refine: RefineConfig = field(default_factory=RefineConfig)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RefineRunConfig":
+    def from_dict(cls, d: dict) -> RefineRunConfig:
+        """The configuration of a refine folder's ``config.json``."""
         return cls(**{**d, "train": TrainConfig(**d["train"]),
                       "refine": RefineConfig.from_dict(d["refine"])})
 
@@ -56,15 +63,16 @@ def load_refine_run(folder: Path) -> tuple[RefineRunConfig, dict | None]:
 
 def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
                    resume: dict | None = None, new: bool = True,
-                   progress: ProgressFactory = no_progress) -> dict:
+                   progress: ProgressFactory = no_progress) -> RunSummary | None:
     """Refine the particles of ``config`` into ``out`` (module docstring). ``new``: make
     ``out`` (refusing a non-empty one without ``force``); ``resume``: the checkpoint of
-    :func:`load_refine_run`. Returns the final reconstruction's summary, with a
-    ``refinement`` entry (per iteration, and the changes from the input poses).
+    :func:`load_refine_run`. Returns the final reconstruction's
+    :class:`~cryosplat.summary.RunSummary`, with its ``refinement`` (per iteration, and the
+    changes from the input poses).
 
     Under torchrun every process calls it and shares the searches
     (:func:`~cryosplat.refine.loop.refine_gold_standard`); then rank 0 alone writes the outputs
-    and reconstructs, and the others return {}."""
+    and reconstructs, and the others return None."""
     p, half = start_reconstruction(config, out, force, new=new, shares_ranks=True)
     lead = rank_and_world()[0] == 0
     stale = out / "backprojection"  # validation maps of an earlier run into this folder
@@ -89,7 +97,7 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
         raise
     leave_group()  # the final reconstruction fits each half-set in one process: rank 0's
     if not lead:
-        return {}
+        return None
     refined = with_poses(p, pose)
     star = write_refined_star(out / "particles.star", refined, half)
     changes = pose_changes(input_pose(p), pose)
@@ -100,6 +108,7 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
                                                for k, v in changes.items()}}
     log(f"refined poses written to {star}; reconstructing from them")
     summary = run_reconstruction(refined, half, out, config, progress=progress,
-                                 extra={"refinement": refinement})
-    summary["wall_time_s"] = time.perf_counter() - t0
+                                 refinement=refinement)
+    if summary is not None:
+        summary.wall_time_s = time.perf_counter() - t0
     return summary

@@ -54,24 +54,28 @@ class Pose:
     defocus_change_A: torch.Tensor
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """Field name -> tensor, for saving and for applying one operation to all three."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
-    def __getitem__(self, index) -> "Pose":
+    def __getitem__(self, index) -> Pose:
         return Pose(**{k: v[index] for k, v in self.tensors().items()})
 
-    def to(self, device=None, dtype=None) -> "Pose":
+    def to(self, device=None, dtype=None) -> Pose:
+        """All three on ``device`` in ``dtype``."""
         return Pose(**{k: v.to(device, dtype) for k, v in self.tensors().items()})
 
-    def clone(self) -> "Pose":
+    def clone(self) -> Pose:
+        """A copy that shares no storage."""
         return Pose(**{k: v.clone() for k, v in self.tensors().items()})
 
-    def assign(self, index, other: "Pose") -> None:
+    def assign(self, index, other: Pose) -> None:
         """Set rows ``index`` to ``other``'s, in place."""
         for k, v in self.tensors().items():
             v[index] = getattr(other, k)
 
     @staticmethod
-    def cat(poses: list["Pose"]) -> "Pose":
+    def cat(poses: list[Pose]) -> Pose:
+        """The rows of ``poses`` one after the other."""
         return Pose(**{k: torch.cat([getattr(p, k) for p in poses]) for k in poses[0].tensors()})
 
 

@@ -8,8 +8,7 @@ from cryosplat.train.batches import BatchStream, batch_indices, check_batch_size
 from cryosplat.train.checkpoint import load_checkpoint, save_checkpoint
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import DensifyStrategy
-from cryosplat.train.distributed import (barrier, init_distributed, rank_and_world,
-                                         resolve_device)
+from cryosplat.train.distributed import barrier, init_distributed, rank_and_world, resolve_device
 from cryosplat.train.halves import HalfSetFit, Record, step_halves
 from cryosplat.train.loop import ImagesRun, train_gold_standard
 from cryosplat.train.trainer import HalfSetTrainer

@@ -9,7 +9,8 @@ torch.distributed each rank takes every ``world``-th particle of each global bat
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ from cryosplat.errors import InputError
 from cryosplat.io.particles import Particles
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.distributed import rank_and_world
-
 
 
 class BatchSource(Protocol):
@@ -69,7 +69,7 @@ def total_steps(half_set: np.ndarray, cfg: TrainConfig) -> int:
 class _StepImages(torch.utils.data.Dataset):
     """Item ``i``: this rank's images of each trainer's batch ``first_step + i``."""
 
-    def __init__(self, trainers: list[BatchSource], first_step: int, last_step: int):
+    def __init__(self, trainers: Sequence[BatchSource], first_step: int, last_step: int):
         self.p = trainers[0].p
         self.selectors = [(t.indices, t.cfg.batch_size, t.cfg.seed, t.half) for t in trainers]
         self.first, self.last = first_step, last_step
@@ -94,11 +94,11 @@ class BatchStream:
     A bad image (NaN pixels, a truncated stack) raises the reader's own InputError here, not
     the DataLoader's wrapped RuntimeError with a worker's traceback."""
 
-    def __init__(self, trainers: list[BatchSource], first_step: int, last_step: int,
+    def __init__(self, trainers: Sequence[BatchSource], first_step: int, last_step: int,
                  workers: int = 1, prefetch: int = 2):
         ds = _StepImages(trainers, first_step, last_step)
-        kw = dict(num_workers=workers, prefetch_factor=prefetch,
-                  persistent_workers=False) if workers > 0 else {}
+        kw: dict[str, Any] = dict(num_workers=workers, prefetch_factor=prefetch,
+                                  persistent_workers=False) if workers > 0 else {}
         self.loader = torch.utils.data.DataLoader(
             ds, batch_size=None, shuffle=False,
             pin_memory=trainers[0].device.type == "cuda", **kw)

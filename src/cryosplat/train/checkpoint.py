@@ -21,7 +21,9 @@ from cryosplat.io.atomic import atomic_path
 class HasState(Protocol):
     """Anything whose state a checkpoint holds."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """The state to save."""
+        ...
 
 
 def save_state(path: str | Path, state: dict[str, Any]) -> None:

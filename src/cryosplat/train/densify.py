@@ -38,7 +38,8 @@ class DensifyStrategy:
     support_radius_A: float  # 0: no support sphere
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> "DensifyStrategy":
+    def from_config(cls, cfg: TrainConfig) -> DensifyStrategy:
+        """The strategy of ``cfg``'s densify settings (max Gaussians: 4x the start)."""
         return cls(cfg.densify, cfg.densify_every, cfg.densify_until, cfg.densify_fraction,
                    cfg.max_gaussians or 4 * cfg.n_gaussians, cfg.prune_below,
                    cfg.support_radius_A)
@@ -60,7 +61,7 @@ class DensifyStrategy:
     @torch.no_grad()
     def after_backward(self, model: GaussianMixture, grad_accum: torch.Tensor) -> None:
         """Add each Gaussian's mean-gradient norm to ``grad_accum`` `(M,)` (in place)."""
-        if self.active:
+        if self.active and model.means_A.grad is not None:
             grad_accum += model.means_A.grad.detach().norm(dim=-1)
 
     @torch.no_grad()

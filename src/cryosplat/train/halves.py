@@ -22,6 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from cryosplat.evaluate import evaluate_maps
+from cryosplat.gaussians import GaussianMixture
 from cryosplat.train.checkpoint import save_checkpoint
 
 
@@ -30,6 +31,7 @@ class HalfSetFit(Protocol):
 
     half: int  # 1 or 2
     step: int  # steps taken
+    model: GaussianMixture  # the half-set's mixture
     stop_reason: str | None  # why it stopped early (None: it ran its schedule, or runs on)
     loss_names: tuple[str, ...]  # the keys of step_once's result, in the history's order
 
@@ -70,7 +72,8 @@ def map_evaluator(pixel_size_A: float, truth: torch.Tensor | None = None,
     half-maps `(D, D, D)` (unmasked half-map FSC; against ``truth``; cross-validated against
     the half-sets' own direct maps ``references``), as its headline numbers."""
     def evaluate(v1: torch.Tensor, v2: torch.Tensor) -> dict:
-        return evaluate_maps(v1, v2, pixel_size_A, truth, references, masked=False).headline()
+        return evaluate_maps(v1, v2, pixel_size_A, truth, references,
+                             masked=False).headline().to_json()
     return evaluate
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from cryosplat.backproject import invert
-from cryosplat.fourier_slice import Insertion
 from cryosplat.errors import InputError, StageError
 from cryosplat.evaluate import lowpass, spherical_mask
+from cryosplat.fourier_slice import Insertion
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.train.config import TrainConfig
 
@@ -35,6 +35,7 @@ class Support:
     noise: float  # robust standard deviation of the low-passed map near the box's edge
 
     def volume_A3(self, voxel_size_A: float) -> float:
+        """The support's volume in Å³."""
         return float(self.mask.sum()) * voxel_size_A**3
 
 
@@ -82,7 +83,8 @@ def checked_amplitude_scale(scale: float, half: int, source: str | None = None) 
 
 
 def seed_mixture(support: Support, voxel_size_A: float, per_voxel: float, scale_px: float,
-                 max_gaussians: int, generator: torch.Generator, label: str = "") -> GaussianMixture:
+                 max_gaussians: int, generator: torch.Generator,
+                 label: str = "") -> GaussianMixture:
     """Gaussians drawn in ``support`` (module docstring): ``per_voxel`` per voxel of support,
     at most ``max_gaussians``; isotropic, ``scale_px`` voxels wide, random orientations,
     equal amplitudes that sum to the own map's positive mass in the support."""

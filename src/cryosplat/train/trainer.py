@@ -18,8 +18,8 @@ from cryosplat.io.particles import Particles
 from cryosplat.train.batches import batch_indices
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS, DensifyStrategy, rebuild
-from cryosplat.train.seeding import checked_amplitude_scale, random_mixture
 from cryosplat.train.distributed import all_reduce_sum, rank_and_world
+from cryosplat.train.seeding import checked_amplitude_scale, random_mixture
 
 
 class HalfSetTrainer:
@@ -30,7 +30,7 @@ class HalfSetTrainer:
     steps (a :class:`~cryosplat.train.halves.HalfSetFit`, with no early stop).
     """
 
-    loss_names = ("loss",)
+    loss_names: tuple[str, ...] = ("loss",)
     stop_reason: str | None = None
 
     def __init__(self, particles: Particles, indices: np.ndarray, cfg: TrainConfig, half: int,

@@ -39,8 +39,12 @@ from cryosplat.symmetry import symmetry_matrices, symmetry_or_none
 from cryosplat.train.config import TrainConfig
 from cryosplat.train.densify import PARAMETERS
 from cryosplat.train.halves import Record, map_evaluator, step_halves
-from cryosplat.train.seeding import (checked_amplitude_scale, own_support, random_mixture,
-                                     seed_mixture)
+from cryosplat.train.seeding import (
+    checked_amplitude_scale,
+    own_support,
+    random_mixture,
+    seed_mixture,
+)
 
 
 class AccumulatedObjective:
@@ -87,7 +91,7 @@ class HalfSetVolumeFit:
     training particles, stopped on the held-out particles' loss (module docstring); a
     :class:`~cryosplat.train.halves.HalfSetFit`."""
 
-    loss_names = ("loss", "held_out_loss")
+    loss_names: tuple[str, ...] = ("loss", "held_out_loss")
 
     def __init__(self, model: GaussianMixture, train: Insertion, held_out: Insertion | None,
                  cfg: TrainConfig, half: int, voxel_size_A: float, device: torch.device):
