@@ -145,11 +145,11 @@ def test_every_public_definition_has_a_docstring():
                     if c.name.startswith("_"):
                         continue
                     if ast.get_docstring(c) is None:
-                        missing.append(f"{name}.{prefix}{c.name}")
+                        missing.append(f"{prefix}{c.name}")
                     if isinstance(c, ast.ClassDef):
-                        visit(c, f"{c.name}.")
+                        visit(c, f"{prefix}{c.name}.")
 
-        visit(tree, "")
+        visit(tree, f"{name}.")
         if ast.get_docstring(tree) is None and not name.endswith("__main__"):
             missing.append(f"{name} (module)")
     assert missing == []

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cryosplat.errors import InputError
+from cryosplat.errors import InputError, stage
 from cryosplat.io.refined_star import write_refined_star
 from cryosplat.progress import ProgressFactory, no_progress
 from cryosplat.refine.loop import (
@@ -89,12 +89,9 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
     log(f"cryosplat refine: {len(p)} particles, box {p.box_size}, device {dev}, "
         f"{rank_and_world()[1]} process(es), refine {json.dumps(config.to_dict()['refine'])}")
     t0 = time.perf_counter()
-    try:
+    with stage("during refinement", log, f"continue with --resume {out}"):
         pose, history, _ = refine_gold_standard(p, half, config.train, config.refine, dev,
-                                             out / CHECKPOINT, resume, log, progress)
-    except BaseException as e:
-        log(f"stopped during refinement: {type(e).__name__}: {e}; continue with --resume {out}")
-        raise
+                                                out / CHECKPOINT, resume, log, progress)
     leave_group()  # the final reconstruction fits each half-set in one process: rank 0's
     if not lead:
         return None
