@@ -136,4 +136,4 @@ def test_maps_that_cannot_be_post_processed_say_why_and_leave_the_run_standing(t
     pp = postprocess_half_maps(*halves, 4.0, None, tmp_path / "pp", "test", said.append)
     assert "Guinier fit" in pp["error"] and "2 shells" in pp["error"]
     assert said and "post-processing not done" in said[0] and not (tmp_path / "pp").exists()
-    assert "Not done: the Guinier fit" in _postprocess_section({"postprocess": pp}, str)
+    assert "Not done: the Guinier fit" in _postprocess_section(pp, str)

@@ -232,8 +232,9 @@ def _refinement_section(summary: RunSummary, img: Callable[[str], str]) -> str:
             f"{img('pose_changes.png')}")
 
 
-def _postprocess_section(summary: RunSummary, img: Callable[[str], str]) -> str:
-    pp = summary.postprocess
+def _postprocess_section(pp: dict | None, img: Callable[[str], str]) -> str:
+    """The report's post-processing section of ``postprocess/summary.json``'s contents (or
+    the reason it was not done)."""
     if not pp:
         return ""
     if "error" in pp:
@@ -277,7 +278,7 @@ symmetry {html.escape(summary.symmetry)},
 {cv}<p><b>Caution.</b> {html.escape(HALF_MAP_CAUTION)}</p>
 {_refinement_section(summary, img)}{views}
 <h2>FSC</h2>{img('fsc.png')}
-{_postprocess_section(summary, img)}
+{_postprocess_section(summary.postprocess, img)}
 <h2>Training</h2>{img('loss.png')}
 <h2>Particles and renders</h2>{img('montage.png')}
 <h2>Configuration</h2><pre>{html.escape(json.dumps(config, indent=2))}</pre>
