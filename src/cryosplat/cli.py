@@ -44,6 +44,7 @@ from cryosplat.report import write_fsc
 from cryosplat.run import load_run, prepare_out_dir, run_reconstruction, start_reconstruction
 from cryosplat.run_config import ParticleSource, RunConfig
 from cryosplat.simulate import SimulationConfig, simulate_dataset
+from cryosplat.simulate_effects import Effects
 from cryosplat.symmetry import symmetry_matrices
 from cryosplat.terminal import (
     console,
@@ -61,6 +62,7 @@ from cryosplat.train import TrainConfig
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Cryo-EM reconstruction with a physics-exact Gaussian-splatting renderer.")
 TRAIN, REFINE, SEARCH = TrainConfig(), RefineConfig(), SearchConfig()  # the options' defaults
+EFFECTS = Effects()
 
 
 @app.command()
@@ -146,10 +148,30 @@ def simulate(
                                    "M00,M01,M10,M11 (rlnMagMat)"),
     premultiplied: bool = typer.Option(False, "--premultiplied", help="Multiply the images "
                                        "once more by their CTF (rlnCtfDataAreCtfPremultiplied)"),
+    mtf_nyquist: float = typer.Option(EFFECTS.mtf_nyquist, "--mtf-nyquist", help="Detector MTF "
+                                      "at Nyquist, on signal and shot noise (1: none)"),
+    background_fraction: float = typer.Option(EFFECTS.background_fraction,
+                                              "--background-fraction", help="Share of the noise "
+                                              "variance that is low-frequency background"),
+    background_falloff: float = typer.Option(EFFECTS.background_A, "--background-falloff",
+                                             help="Å: the background's Gaussian falloff"),
+    contrast_sigma: float = typer.Option(EFFECTS.contrast_sigma, "--contrast-sigma",
+                                         help="Lognormal sigma of each particle's contrast"),
+    offset_sigma: float = typer.Option(EFFECTS.offset_sigma, "--offset-sigma", help="Each "
+                                       "image's constant offset, in noise sigmas (std)"),
+    junk_fraction: float = typer.Option(EFFECTS.junk_fraction, "--junk-fraction", help="Share "
+                                        "of particles that are noise or a wrong object"),
+    angle_error: float = typer.Option(EFFECTS.angle_error_deg, "--angle-error", help="°: the "
+                                      "STAR's pose errors, |N(0, s)| about a random axis"),
+    shift_error: float = typer.Option(EFFECTS.shift_error_A, "--shift-error",
+                                      help="Å: the STAR's origin errors, N(0, s) per axis"),
+    defocus_error: float = typer.Option(EFFECTS.defocus_error_A, "--defocus-error",
+                                        help="Å: the STAR's defocus errors, N(0, s)"),
     force: bool = ForceOpt,
 ):
     """Simulate particles (RELION 3.1 STAR + MRCS) and the ground-truth map, optionally with
-    RELION's higher-order optics (written to the STAR's optics table)."""
+    RELION's higher-order optics (written to the STAR's optics table) and the effects of real
+    data (docs/simulate.md; the exact values then go to particles_true.star)."""
     cfg = SimulationConfig(particles, box, pixel_size, snr, defocus_min, defocus_max, astigmatism,
                            max_shift, voltage, cs, amplitude_contrast, bfactor, seed,
                            beam_tilt_mrad=numbers("--beam-tilt", beam_tilt),
@@ -157,13 +179,20 @@ def simulate(
                            even_zernike=numbers("--even-zernike", even_zernike),
                            mag_matrix=numbers("--mag-matrix", mag_matrix),
                            premultiplied=premultiplied)
+    effects = Effects(mtf_nyquist, background_fraction, background_falloff, contrast_sigma,
+                      offset_sigma, junk_fraction, angle_error, shift_error, defocus_error)
     cfg.check()
+    effects.check()
     prepare_out_dir(out, force)
     with progress_bar("simulating", particles) as advance:
-        result = simulate_dataset(structure, out, cfg, progress=advance)
-    write_json(out / "simulation.json", {**vars(cfg), **result})
+        result = simulate_dataset(structure, out, cfg, progress=advance, effects=effects)
+    write_json(out / "simulation.json", {**vars(cfg), **result,
+                                         **({"effects": effects.to_dict()}
+                                            if effects.active else {})})
     console.print(f"wrote {particles} particles: {result['particles']}")
     console.print(f"ground truth: {result['ground_truth']}")
+    if "true_particles" in result:
+        console.print(f"exact poses, defoci, contrasts and junk: {result['true_particles']}")
 
 
 @app.command()

@@ -12,7 +12,7 @@ shifted by ``-origin`` and given white Gaussian noise.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -29,6 +29,17 @@ from cryosplat.gaussians import voxelise
 from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
 from cryosplat.io.particles import OpticsGroup, Particles
 from cryosplat.io.star_writer import particles_to_star_tables, write_star
+from cryosplat.simulate_effects import (
+    JUNK_NOISE,
+    JUNK_OBJECT,
+    Effects,
+    ParticleEffects,
+    apply_mtf,
+    coloured_noise,
+    draw_effects,
+    junk_object,
+    mtf,
+)
 
 BIO_ELEMENTS = {"H", "C", "N", "O", "S", "P", "Se", "Na", "Mg", "K", "Ca", "Cl", "Mn", "Fe",
                 "Co", "Ni", "Cu", "Zn", "F", "I", "Br"}
@@ -248,14 +259,18 @@ def forward_images(projections: torch.Tensor, origin_A: torch.Tensor, ctf: CTFPa
 
 
 def simulate_images(volume: torch.Tensor, cfg: SimulationConfig, rotations: torch.Tensor,
-                    origin_A: torch.Tensor, ctf: CTFParams, progress=None):
+                    origin_A: torch.Tensor, ctf: CTFParams, progress=None,
+                    effects: Effects | None = None, draws: ParticleEffects | None = None):
     """Yield batches of noisy particle images (float32 numpy), deterministic for the seed.
 
     The noise is white with variance ``var(signal) / snr``, where ``var(signal)`` is the mean
     per-image variance of the first batch's noiseless images (one sigma for the dataset).
+    ``effects`` with its per-particle ``draws`` (:mod:`cryosplat.simulate_effects`) add
+    contrast, junk, a coloured background, the detector MTF and offsets, in that order.
     """
     g = torch.Generator().manual_seed(cfg.seed + 1)
     sigma = None
+    fx = _EffectImages(effects, draws, cfg) if effects is not None and draws is not None else None
     for s in range(0, cfg.n_particles, cfg.batch_size):
         sl = slice(s, min(cfg.n_particles, s + cfg.batch_size))
         c = ctf[sl]
@@ -263,17 +278,60 @@ def simulate_images(volume: torch.Tensor, cfg: SimulationConfig, rotations: torc
         clean = forward_images(project(volume, matrices), origin_A[sl], c, cfg.pixel_size_A)
         if sigma is None:
             sigma = float(clean.var(dim=(-2, -1)).mean().sqrt()) / math.sqrt(cfg.snr)
-        noisy = clean + sigma * torch.randn(clean.shape, generator=g)
+        if fx is None:
+            noisy = clean + sigma * torch.randn(clean.shape, generator=g)
+        else:
+            noisy = fx.images(clean, sl, origin_A, c, sigma, g)
         if progress is not None:
             progress(len(noisy))
         yield noisy.numpy()
 
 
+class _EffectImages:
+    """The image side of :mod:`cryosplat.simulate_effects` for one simulation."""
+
+    def __init__(self, effects: Effects, draws: ParticleEffects, cfg: SimulationConfig):
+        self.effects, self.draws, self.cfg = effects, draws, cfg
+        self.generator = torch.Generator().manual_seed(cfg.seed + 4)
+        self.mtf = mtf(cfg.box_size, effects.mtf_nyquist) if effects.mtf_nyquist < 1 else None
+        self.junk_volume = (junk_object(cfg.box_size, cfg.pixel_size_A, cfg.seed)
+                            if bool((draws.junk == JUNK_OBJECT).any()) else None)
+
+    def images(self, clean: torch.Tensor, sl: slice, origin_A: torch.Tensor, ctf: CTFParams,
+               sigma: float, g: torch.Generator) -> torch.Tensor:
+        """The batch ``sl``'s noiseless molecule images `(B, D, D)` made into recorded ones."""
+        e, dr = self.effects, self.draws
+        signal_var = clean.var(dim=(-2, -1)).mean()
+        signal = clean * dr.contrast[sl].to(clean.dtype)[:, None, None]
+        junk = dr.junk[sl]
+        signal[junk == JUNK_NOISE] = 0
+        rows = torch.nonzero(junk == JUNK_OBJECT)[:, 0]
+        if len(rows) and self.junk_volume is not None:
+            c = ctf[rows]
+            m = geometry.image_matrices(dr.junk_rotations[sl][rows], c.mag_matrix)
+            wrong = forward_images(project(self.junk_volume, m), origin_A[sl][rows], c,
+                                   self.cfg.pixel_size_A)
+            scale = (signal_var / wrong.var(dim=(-2, -1)).clamp_min(1e-30)).sqrt()
+            signal[rows] = wrong * scale[:, None, None]
+        noise = sigma * torch.randn(clean.shape, generator=g)
+        b = e.background_fraction
+        if b > 0:
+            ice = coloured_noise(tuple(clean.shape), self.cfg.pixel_size_A, e.background_A,
+                                 self.generator)
+            noise = math.sqrt(1 - b) * noise + math.sqrt(b) * sigma * ice
+        image = signal + noise
+        if self.mtf is not None:
+            image = apply_mtf(image, self.mtf)
+        return image + sigma * dr.offset[sl].to(image.dtype)[:, None, None]
+
+
 def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: SimulationConfig,
-                     progress=None) -> dict:
+                     progress=None, effects: Effects | None = None) -> dict:
     """Write out_dir/particles.mrcs, particles.star (RELION 3.1, rlnRandomSubset) and
     ground_truth.mrc (the noiseless potential on the reconstruction grid). Streams: memory
-    holds one batch of images, whatever the particle count."""
+    holds one batch of images, whatever the particle count. With ``effects`` on
+    (:mod:`cryosplat.simulate_effects`), particles.star holds the consensus-like values and
+    particles_true.star the exact ones (``"true_particles"`` in the result)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     structure = builtin_structure() if structure is None else Path(structure)
@@ -290,9 +348,11 @@ def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: Sim
                                           cfg.bfactor_A2)
     rotations, origin, ctf, half = draw_parameters(cfg)
     n, d = cfg.n_particles, cfg.box_size
+    active = effects is not None and effects.active
+    draws = draw_effects(effects, n, cfg.seed) if effects is not None and active else None
     write_stack(out_dir / "particles.mrcs",
-                simulate_images(volume, cfg, rotations, origin, ctf, progress), n, d,
-                cfg.pixel_size_A)
+                simulate_images(volume, cfg, rotations, origin, ctf, progress, effects, draws),
+                n, d, cfg.pixel_size_A)
     optics = [OpticsGroup(1, "opticsGroup1", cfg.pixel_size_A, d, cfg.voltage_kV, cfg.cs_mm,
                           cfg.amplitude_contrast)]
     source = ImageSource([str(out_dir / "particles.mrcs")], np.zeros(n, dtype=np.int64),
@@ -303,9 +363,22 @@ def simulate_dataset(structure: str | Path | None, out_dir: str | Path, cfg: Sim
                           optics_group=torch.ones(n, dtype=torch.int64), optics=optics,
                           half_set=half)
     names = [f"{i + 1:06d}@particles.mrcs" for i in range(n)]
+    extra = {}
+    if draws is not None:  # the exact values, then what a consensus refinement leaves
+        truth = replace(particles, ctf=replace(ctf, scale=draws.contrast.clone()))
+        tables = particles_to_star_tables(truth, names)
+        tables["particles"]["rlnCryosplatJunk"] = draws.junk.numpy()
+        write_star(out_dir / "particles_true.star", tables)
+        extra["true_particles"] = str(out_dir / "particles_true.star")
+        change = draws.defocus_error_A
+        particles = replace(particles, rotations=draws.rotation_error @ rotations,
+                            shifts_A=origin + draws.shift_error_A,
+                            ctf=replace(ctf, defocus_u_A=ctf.defocus_u_A + change,
+                                        defocus_v_A=ctf.defocus_v_A + change))
     write_star(out_dir / "particles.star", particles_to_star_tables(particles, names))
     write_volume(out_dir / "ground_truth.mrc", volume, cfg.pixel_size_A,
                  center_A=None if centre is None else (float(centre[0]), float(centre[1]),
                                                        float(centre[2])))
     return {"particles": str(out_dir / "particles.star"), "stack": str(out_dir / "particles.mrcs"),
-            "ground_truth": str(out_dir / "ground_truth.mrc"), "structure": str(structure)}
+            "ground_truth": str(out_dir / "ground_truth.mrc"), "structure": str(structure),
+            **extra}
