@@ -4,7 +4,7 @@ expected and what was found. The command line prints it without a traceback."""
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -46,6 +46,14 @@ def malformed(source: str | Path, what: str) -> Iterator[None]:
     except (ValueError, TypeError, KeyError, IndexError, UnicodeError, OverflowError,
             EOFError) as e:
         raise InputError(source, f"malformed {what} ({type(e).__name__}: {e})") from None
+
+
+def refuse_out_of_range(checks: Iterable[tuple[str, object, bool]]) -> None:
+    """An InputError ``OPTION VALUE: out of range`` for the first ``(option, value, ok)``
+    that is not ok (settings objects' ``check()``)."""
+    for option, value, ok in checks:
+        if not ok:
+            raise InputError(None, f"{option} {value}: out of range")
 
 
 @contextmanager

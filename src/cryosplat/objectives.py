@@ -130,13 +130,12 @@ def fit_volume(p: Particles, half: np.ndarray, out: Path, config: RunConfig, dev
     if resume is not None:
         record = Record(resume["history"], resume["trace"])
         log(f"resumed at step {fits[0].step}")
-    elapsed = record.history[-1]["time_s"] if record and record.history else 0.0
     with progress("fitting (stops on held-out loss)", cfg.max_steps, fits[0].step) as advance:
         def on_step(n: int, held: list[float]) -> None:
             advance(n, f"held-out loss {held[0]:.5g} / {held[1]:.5g}")
 
         with stage("during fitting", log, _resume_hint(out)):
             history, trace = fit_gold_standard_volume(
-                fits, cfg, truth, refs, out / "checkpoint.pt", record, elapsed, on_step, log,
+                fits, cfg, truth, refs, out / "checkpoint.pt", record, on_step, log,
                 config.to_dict())
     return Reconstruction(list(fits), history, trace, refs, baseline)

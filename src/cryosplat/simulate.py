@@ -23,7 +23,7 @@ from torch_fourier_slice import project_3d_to_2d
 
 from cryosplat import geometry
 from cryosplat.ctf import CTFParams, modulate
-from cryosplat.errors import InputError
+from cryosplat.errors import InputError, refuse_out_of_range
 from cryosplat.fourier import fourier_resample
 from cryosplat.gaussians import voxelise
 from cryosplat.io.mrc import ImageSource, read_volume, write_stack, write_volume
@@ -182,18 +182,15 @@ class SimulationConfig:
 
     def check(self) -> None:
         """Refuse settings no dataset can have, naming the command-line option."""
-        for name, value, ok in (("--particles", self.n_particles, self.n_particles > 0),
-                                ("--box", self.box_size, self.box_size >= 8),
-                                ("--pixel-size", self.pixel_size_A, self.pixel_size_A > 0),
-                                ("--snr", self.snr, self.snr > 0),
-                                ("--defocus-max", self.defocus_max_um,
-                                 self.defocus_max_um >= self.defocus_min_um),
-                                ("--beam-tilt", self.beam_tilt_mrad, len(self.beam_tilt_mrad) == 2),
-                                ("--mag-matrix", self.mag_matrix, len(self.mag_matrix) == 4
-                                 and 0.5 < abs(self.mag_matrix[0] * self.mag_matrix[3]
-                                               - self.mag_matrix[1] * self.mag_matrix[2]) < 2)):
-            if not ok:
-                raise InputError(None, f"{name} {value}: out of range")
+        m = self.mag_matrix
+        refuse_out_of_range((
+            ("--particles", self.n_particles, self.n_particles > 0),
+            ("--box", self.box_size, self.box_size >= 8),
+            ("--pixel-size", self.pixel_size_A, self.pixel_size_A > 0),
+            ("--snr", self.snr, self.snr > 0),
+            ("--defocus-max", self.defocus_max_um, self.defocus_max_um >= self.defocus_min_um),
+            ("--beam-tilt", self.beam_tilt_mrad, len(self.beam_tilt_mrad) == 2),
+            ("--mag-matrix", m, len(m) == 4 and 0.5 < abs(m[0] * m[3] - m[1] * m[2]) < 2)))
 
 
 def draw_parameters(cfg: SimulationConfig

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from cryosplat import geometry
-from cryosplat.errors import InputError
+from cryosplat.errors import refuse_out_of_range
 from cryosplat.fourier import rfft_frequencies_2d
 
 JUNK_NOISE, JUNK_OBJECT = 1, 2  # the kinds of junk in ``ParticleEffects.junk``
@@ -53,7 +53,7 @@ class Effects:
 
     def check(self) -> None:
         """Refuse values no dataset can have, naming the command-line option."""
-        for option, value, ok in (
+        refuse_out_of_range((
                 ("--mtf-nyquist", self.mtf_nyquist, 0 < self.mtf_nyquist <= 1),
                 ("--background-fraction", self.background_fraction,
                  0 <= self.background_fraction < 1),
@@ -63,9 +63,7 @@ class Effects:
                 ("--junk-fraction", self.junk_fraction, 0 <= self.junk_fraction < 1),
                 ("--angle-error", self.angle_error_deg, self.angle_error_deg >= 0),
                 ("--shift-error", self.shift_error_A, self.shift_error_A >= 0),
-                ("--defocus-error", self.defocus_error_A, self.defocus_error_A >= 0)):
-            if not ok:
-                raise InputError(None, f"{option} {value:g}: out of range")
+                ("--defocus-error", self.defocus_error_A, self.defocus_error_A >= 0)))
 
     @property
     def active(self) -> bool:

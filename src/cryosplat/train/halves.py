@@ -62,6 +62,11 @@ class Record(NamedTuple):
     history: list[dict]
     trace: list[list[float]]
 
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds the recorded run had taken at its last evaluation (0 without one)."""
+        return self.history[-1]["time_s"] if self.history else 0.0
+
 
 Evaluator = Callable[[torch.Tensor, torch.Tensor], dict]
 
@@ -82,7 +87,7 @@ def step_halves(fits: Sequence[HalfSetFit], eval_every: int, checkpoint_every: i
                 config: dict | None = None, inputs: Iterable[Sequence[torch.Tensor]] | None = None,
                 on_step: Callable[[list[dict[str, float]]], None] | None = None,
                 log: Callable[[str], None] = print, record: Record | None = None,
-                elapsed_s: float = 0.0, stop_when: Callable[[dict], bool] | None = None,
+                stop_when: Callable[[dict], bool] | None = None,
                 lead: bool = True) -> Record:
     """Step half-set fits 1 and 2 until both are done (module docstring).
 
@@ -97,8 +102,8 @@ def step_halves(fits: Sequence[HalfSetFit], eval_every: int, checkpoint_every: i
     inputs: one item per step, each fit's data (prefetched images); None: fits that take none.
     on_step: called after each step with each half-set's last losses.
     log: where each evaluation row, and each early stop, is written.
-    record: the history and trace of an interrupted run being resumed, continued here.
-    elapsed_s: the resumed run's seconds so far (``time_s`` continues from them).
+    record: the history and trace of an interrupted run being resumed, continued here
+        (``time_s`` continues from its :attr:`Record.elapsed_s`).
     stop_when: a function of a history row; the run ends after the first evaluation for
         which it is true (benchmarks: stop once the baseline is reached).
     lead: this process evaluates, reports, logs and checkpoints (under torch.distributed only
@@ -110,7 +115,7 @@ def step_halves(fits: Sequence[HalfSetFit], eval_every: int, checkpoint_every: i
     """
     history = list(record.history) if record else []
     trace = [list(r) for r in record.trace] if record else []
-    t0 = time.perf_counter() - elapsed_s
+    t0 = time.perf_counter() - (record.elapsed_s if record else 0.0)
     names = fits[0].loss_names
     last = [{n: math.nan for n in names} for _ in fits]
     batches = iter(inputs) if inputs is not None else None

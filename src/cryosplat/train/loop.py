@@ -59,12 +59,11 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
     total = total_steps(half_set, cfg)
     trainers = [HalfSetTrainer(particles, idx, cfg, h + 1, total, device)
                 for h, idx in enumerate(halves)]
-    record, elapsed0 = None, 0.0
+    record = None
     if resume is not None:
         for t, s in zip(trainers, resume["halves"]):
             t.load_state_dict(s)
         record = Record(resume["history"], resume["trace"])
-        elapsed0 = record.history[-1]["time_s"] if record.history else 0.0
         log(f"resumed at step {trainers[0].step} of {total}")
     pix = particles.require_single_pixel_size()
     lead = trainers[0].rank == 0
@@ -77,5 +76,5 @@ def train_gold_standard(particles: Particles, half_set: np.ndarray, cfg: TrainCo
         trainers, cfg.eval_every, cfg.checkpoint_every, map_evaluator(pix, truth, references),
         checkpoint_path, config, BatchStream(trainers, trainers[0].step, total,
                                              cfg.loader_workers),
-        on_step, log, record, elapsed0, stop_when, lead)
+        on_step, log, record, stop_when, lead)
     return ImagesRun(trainers, history, trace)

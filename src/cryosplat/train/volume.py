@@ -286,7 +286,7 @@ def fit_gold_standard_volume(fits: list[HalfSetVolumeFit], cfg: TrainConfig,
                              truth: torch.Tensor | None = None,
                              references: tuple[torch.Tensor, torch.Tensor] | None = None,
                              checkpoint_path: str | Path | None = None,
-                             record: Record | None = None, elapsed_s: float = 0.0,
+                             record: Record | None = None,
                              progress: Callable[[int, list[float]], None] | None = None,
                              log: Callable[[str], None] = print, config: dict | None = None
                              ) -> Record:
@@ -303,4 +303,4 @@ def fit_gold_standard_volume(fits: list[HalfSetVolumeFit], cfg: TrainConfig,
 
     return step_halves(fits, cfg.eval_every, cfg.checkpoint_every,
                        map_evaluator(fits[0].pix, truth, references), checkpoint_path, config,
-                       None, on_step, log, record, elapsed_s)
+                       None, on_step, log, record)
