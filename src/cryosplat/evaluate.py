@@ -12,7 +12,7 @@ Four FSC curves are reported for a pair of maps, as in RELION's post-processing:
   way, and ``FSC_true = (FSC_masked - FSC_random) / (1 - FSC_random)`` beyond that shell.
 
 The half-map FSC of two *models* (Gaussian mixtures) shares the models' systematic error and
-can overestimate the resolution. :func:`cross_validated_fsc` estimates each model's FSC
+can overestimate the resolution. :func:`cross_validated_fsc` estimates the map's FSC
 against the unknown truth from maps it never saw: the other half-set's direct reconstruction,
 as FSC_work / FSC_free do for atomic models (Brown et al. 2015, Acta Cryst D 71:136).
 
@@ -34,16 +34,18 @@ from cryosplat.geometry import grid_1d_A
 from cryosplat.summary import Headline
 
 
-def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
-    """FSC of two `(D, D, D)` maps: `(D//2 + 1,)`, float32.
+def shell_sums(map_a: torch.Tensor, map_b: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(sum Re(A conj B), sum |A|², sum |B|²)`` of two `(D, D, D)` maps' transforms in each
+    FSC shell, `(D//2 + 1,)` float64 each: the sums :func:`fsc` divides.
 
     Shell ``i`` is at spatial frequency ``i / (D * voxel_size_A)``. torch-fourier-shell-
     correlation's definition (tests/test_physics.py checks the two agree): each rfft voxel
     at ``|k| D = i + t`` shells counts with weight ``1 - t`` in shell ``i`` and ``t`` in
-    shell ``i + 1`` (voxels past the last shell count in it while within one shell of it),
-    shell 0 is 1. Computed in one pass of ``bincount`` over the voxels, where the library
-    makes a weight vector over every voxel for each shell (O(shells x voxels): most of an
-    832 s box-400 backproject).
+    shell ``i + 1`` (voxels past the last shell count in it while within one shell of it).
+    Computed in one pass of ``bincount`` over the voxels, where the library makes a weight
+    vector over every voxel for each shell (O(shells x voxels): most of an 832 s box-400
+    backproject).
     """
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")
@@ -63,8 +65,14 @@ def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
         return (torch.bincount(low, values * w_low, minlength=n + 1)
                 + torch.bincount(low + 1, values * w_high, minlength=n + 1))[:n]
 
-    cross = shells(ar * br + ai * bi)
-    norm = torch.sqrt(shells(ar * ar + ai * ai) * shells(br * br + bi * bi))
+    return shells(ar * br + ai * bi), shells(ar * ar + ai * ai), shells(br * br + bi * bi)
+
+
+def fsc(map_a: torch.Tensor, map_b: torch.Tensor) -> torch.Tensor:
+    """FSC of two `(D, D, D)` maps: `(D//2 + 1,)`, float32, from their :func:`shell_sums`;
+    shell 0 is 1."""
+    cross, power_a, power_b = shell_sums(map_a, map_b)
+    norm = torch.sqrt(power_a * power_b)
     curve = torch.where(norm > 0, cross / norm.clamp_min(1e-300), torch.zeros_like(cross))
     curve[0] = 1.0
     return curve.float()
@@ -185,44 +193,89 @@ def auto_mask(volume: torch.Tensor, voxel_size_A: float, lowpass_A: float = 15.0
     return mask
 
 
+def running_sum(values: np.ndarray, window: int) -> np.ndarray:
+    """Sum of ``values`` `(n,)` over shells ``i - window .. i + window`` (those that exist)."""
+    if window <= 0:
+        return np.asarray(values, dtype=np.float64).copy()
+    return np.convolve(np.asarray(values, dtype=np.float64), np.ones(2 * window + 1), "same")
+
+
 def cross_validated_fsc(model_1: torch.Tensor, model_2: torch.Tensor,
                         reference_1: torch.Tensor, reference_2: torch.Tensor,
-                        n_sigma: float = 3.0) -> dict[str, np.ndarray]:
-    """Estimate the FSC of each half-set model against the truth, without the truth.
+                        voxel_size_A: float, mask: torch.Tensor | None = None,
+                        n_sigma: float = 3.0,
+                        window: int = 2) -> dict[str, np.ndarray]:
+    """Estimate the FSC of the map ``(model_1 + model_2) / 2`` against the truth, without it.
 
     ``model_i`` was fitted to half-set ``i`` only; ``reference_i`` is an unbiased map of the
-    same half-set (direct Fourier inversion), so ``reference_i = truth + noise_i`` with noise
-    independent between halves. A model's error is independent of the *other* half's noise,
-    hence ``FSC(model_1, reference_2) = FSC(model_1, truth) x FSC(reference_2, truth)`` and
-    ``FSC(reference, truth) = sqrt(FSC(reference_1, reference_2))``, so
+    same half-set (direct Fourier inversion): ``reference_i = g (truth + noise_i)``, with a
+    per-shell filter ``g`` and noise independent between the half-sets. Model 1's error is
+    independent of half-set 2's noise, so in each shell (sums over its Fourier voxels)
 
-        estimate = FSC_free / sqrt(FSC_references),
-        FSC_free = (FSC(model_1, reference_2) + FSC(model_2, reference_1)) / 2.
+        sum Re(model_1 conj reference_2) = g sum Re(model_1 conj truth),
+        sum Re(reference_1 conj reference_2) = g² sum |truth|²,
 
-    Shared model bias, which inflates ``FSC(model_1, model_2)``, lowers the estimate as it
-    lowers the FSC against the truth. The estimate is defined only while the references
-    correlate above noise: from shell 1 up to the first shell where ``FSC_references`` falls
-    below ``n_sigma / sqrt(voxels in the shell)``; beyond it the estimate is NaN.
-    ``FSC_work`` (each model against its own half's reference) well above ``FSC_free`` would
-    mean the models fitted their own noise.
+    and the map's FSC against the truth is estimated with no truth as
+
+        estimate = X / sqrt(sum |map|² x sum Re(reference_1 conj reference_2)),
+        X = (sum Re(model_1 conj reference_2) + sum Re(model_2 conj reference_1)) / 2
+
+    (``g`` cancels). Agreement the models share but the truth lacks (the prior's
+    extrapolation beyond the data) raises the half-map FSC, not ``X``. All four maps are
+    multiplied by ``mask`` (default: the :func:`auto_mask` of the map), which removes the
+    solvent's noise, and each sum is taken over ``2 window + 1`` neighbouring shells, which
+    halves the noise of the sums again; both let the estimate reach further than the
+    references' own FSC would.
+
+    The estimate is defined from shell 1 up to the last shell before the references' FSC
+    (with the same mask and window) falls below ``n_sigma / sqrt(voxels in the window)``:
+    beyond it the half-sets' data hold no measurable signal to check a map against, and the
+    estimate is NaN.
 
     Parameters
     ----------
     model_1, model_2, reference_1, reference_2: `(D, D, D)` maps on one grid.
+    voxel_size_A: their voxel size (for the auto-mask).
+    mask: `(D, D, D)` in [0, 1], or None for the auto-mask of the models' average.
+    n_sigma, window: the reach's significance and the shells summed on each side.
 
     Returns
     -------
-    ``{"free", "work", "references", "estimate"}``, each `(D//2 + 1,)`.
+    ``{"free", "work", "references", "estimate"}``, each `(D//2 + 1,)`: each model against
+    the other half-set's reference (FSC free) and against its own (FSC work; well above FSC
+    free means the models fitted their own noise), averaged over the two models; the
+    references' FSC; the estimate. All with the mask and window.
     """
-    free = ((fsc(model_1, reference_2) + fsc(model_2, reference_1)) / 2).double().numpy()
-    work = ((fsc(model_1, reference_1) + fsc(model_2, reference_2)) / 2).double().numpy()
-    refs = fsc(reference_1, reference_2).double().numpy()
+    average = (model_1 + model_2) / 2
+    if mask is None:
+        mask = auto_mask(average.double().cpu(), voxel_size_A)
+    m = mask.to(model_1.device, torch.float64)
+    a1, a2, b1, b2 = (x.double() * m for x in (model_1, model_2, reference_1, reference_2))
+
+    def summed(x: torch.Tensor, y: torch.Tensor) -> list[np.ndarray]:
+        return [running_sum(v.cpu().numpy(), window) for v in shell_sums(x, y)]
+
+    def corr(c: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
+        return c / np.sqrt(np.clip(p * q, 1e-300, None))
+
+    x12, p_a1, p_b2 = summed(a1, b2)
+    x21, p_a2, p_b1 = summed(a2, b1)
+    x11 = summed(a1, b1)[0]
+    x22 = summed(a2, b2)[0]
+    refs_cross = summed(b1, b2)[0]
+    map_power = summed(average.double() * m, average.double() * m)[1]
+    free = (corr(x12, p_a1, p_b2) + corr(x21, p_a2, p_b1)) / 2
+    work = (corr(x11, p_a1, p_b1) + corr(x22, p_a2, p_b2)) / 2
+    refs = corr(refs_cross, p_b1, p_b2)
     d = model_1.shape[-1]
-    floor = n_sigma / np.sqrt(np.maximum(shell_voxel_counts(d), 1))
+    floor = n_sigma / np.sqrt(np.maximum(running_sum(shell_voxel_counts(d), window), 1))
     low = np.nonzero(refs[1:] < floor[1:])[0]
     last = d // 2 if low.size == 0 else int(low[0])  # last valid shell
     estimate = np.full(d // 2 + 1, np.nan)
-    estimate[: last + 1] = free[: last + 1] / np.sqrt(np.clip(refs[: last + 1], 1e-12, None))
+    estimate[: last + 1] = ((x12 + x21) / 2)[: last + 1] / np.sqrt(
+        np.clip(map_power * refs_cross, 1e-300, None)[: last + 1])
+    for curve in (free, work, refs, estimate):
+        curve[0] = 1.0
     return {"free": free, "work": work, "references": refs, "estimate": estimate}
 
 
@@ -294,10 +347,10 @@ class Evaluation:
             cv.get("cross_validated_is_limit"))
 
 
-CROSS_VALIDATION_CURVES = {"free": "model vs other half's direct map (FSC free)",
-                           "work": "model vs own half's direct map (FSC work)",
-                           "references": "direct maps of the half-sets",
-                           "estimate": "estimated model vs truth (cross-validated)"}
+CROSS_VALIDATION_CURVES = {"free": "model vs other half's direct map, masked (FSC free)",
+                           "work": "model vs own half's direct map, masked (FSC work)",
+                           "references": "direct maps of the half-sets, masked",
+                           "estimate": "estimated map vs truth (cross-validated)"}
 
 
 def evaluate_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size_A: float,
@@ -311,7 +364,7 @@ def evaluate_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size
       auto-mask (or ``mask``) and phase-randomisation corrected (:func:`fsc_curves`);
     - with ``truth``: the map against it: ``full_map``, or by default the half-maps' average;
     - with ``references``, the half-sets' own direct reconstructions: the cross-validated
-      estimate of each model against the truth (:func:`cross_validated_fsc`).
+      estimate of their average against the truth (:func:`cross_validated_fsc`).
     """
     if masked:
         curves = {f"half-maps, {k}": v
@@ -323,7 +376,7 @@ def evaluate_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size
         curves["map vs truth"] = fsc(full, truth).numpy()
     cv = {}
     if references is not None:
-        c = cross_validated_fsc(half_map_1, half_map_2, *references)
+        c = cross_validated_fsc(half_map_1, half_map_2, *references, voxel_size_A, mask)
         curves.update({CROSS_VALIDATION_CURVES[k]: c[k] for k in CROSS_VALIDATION_CURVES})
         r, limit = cross_validated_resolution(c["estimate"], half_map_1.shape[-1], voxel_size_A)
         cv = {"cross_validated_resolution_A": r, "cross_validated_is_limit": limit}

@@ -148,7 +148,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
     if config.postprocess:
         pp = postprocess_half_maps(v1, v2, pix, optional_map(config.mask, p, "mask"),
                                    out / "postprocess", "this run's half-maps (Gaussian "
-                                   "mixtures)", log)
+                                   "mixtures)", log,
+                                   e.headline().resolution_A if e.cross_validated else None)
     plot_training(out / "loss.png", trace, history)
     idx = np.sort(np.random.default_rng(cfg.seed).choice(len(p), min(8, len(p)), replace=False))
     rotations, ctf = p.require_poses(), p.require_ctf()
@@ -168,10 +169,8 @@ def run_reconstruction(p: Particles, half: np.ndarray, out: Path, config: RunCon
         postprocess=pp, refinement=refinement)
     write_json(out / "summary.json", summary.to_json())
     summary.report = str(write_report(out, summary, config.to_dict()))
-    cv = (f"; cross-validated {summary.headline.describe_cross_validated()}"
-          if e.cross_validated else "")
-    log(f"done: half-maps {summary.headline.half_map_resolution_A:.2f} Å{cv}; report "
-        f"{summary.report}")
+    log(f"done: resolution {summary.headline.describe()} (half-maps "
+        f"{summary.headline.half_map_resolution_A:.2f} Å at 0.143); report {summary.report}")
     return summary
 
 

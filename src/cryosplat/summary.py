@@ -37,10 +37,44 @@ class Headline:
     cross_validated_resolution_A: float | None = None
     cross_validated_is_limit: bool | None = None
 
+    @property
+    def resolution_A(self) -> float:
+        """The one resolution a run prints (terminal, summary.json, report, post-processing):
+        the cross-validated estimate of the map against the truth at 0.5 when the run has the
+        half-sets' direct maps (a Gaussian run), else the half-map FSC at 0.143 (unmasked)."""
+        if self.cross_validated_resolution_A is not None:
+            return self.cross_validated_resolution_A
+        return self.half_map_resolution_A
+
+    @property
+    def resolution_is_limit(self) -> bool:
+        """Whether :attr:`resolution_A` is only a limit: the map is at least that good, but
+        the half-sets' data cannot check it further."""
+        return bool(self.cross_validated_resolution_A is not None
+                    and self.cross_validated_is_limit)
+
+    @property
+    def resolution_basis(self) -> str:
+        """How :attr:`resolution_A` was measured, in a few words."""
+        if self.cross_validated_resolution_A is not None:
+            return ("cross-validated: the map against the half-sets' direct maps, estimated "
+                    "FSC against the truth at 0.5")
+        return "half-map FSC at 0.143, unmasked"
+
+    def describe(self) -> str:
+        """:attr:`resolution_A` with its limit and basis, in one phrase."""
+        if self.cross_validated_resolution_A is not None:
+            return f"{self.describe_cross_validated()}; {self.resolution_basis}"
+        return f"{self.resolution_A:.2f} Å ({self.resolution_basis})"
+
     def to_json(self) -> dict[str, Any]:
-        """The computed figures under their summary.json keys, in this order."""
-        return {key: getattr(self, name) for name, key in _HEADLINE_KEYS.items()
-                if getattr(self, name) is not None}
+        """The headline (``resolution_A``, ``resolution_is_limit``; its basis is cross-validated
+        when ``cross_validated_resolution_A`` is there), then the computed figures under their
+        summary.json keys, in this order."""
+        head: dict[str, Any] = {"resolution_A": self.resolution_A,
+                                "resolution_is_limit": self.resolution_is_limit}
+        return head | {key: getattr(self, name) for name, key in _HEADLINE_KEYS.items()
+                       if getattr(self, name) is not None}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Headline:
@@ -58,7 +92,7 @@ class Headline:
         if short:
             return f"{r:.2f} Å or better"
         return (f"{r:.2f} Å or better (the estimate stays above 0.5 as far as the half-sets' "
-                f"direct maps have signal)")
+                f"data have signal to check it)")
 
 
 Resolutions = dict[str, dict[str, float]]  # curve name -> {"0.143": Å, "0.5": Å}

@@ -80,14 +80,16 @@ def write_postprocess(out_dir, result: PostProcessed, voxel_size_A: float, sourc
 
 def postprocess_half_maps(half_map_1: torch.Tensor, half_map_2: torch.Tensor,
                           voxel_size_A: float, mask: torch.Tensor | None, out: Path, source: str,
-                          log: Callable[[str], None]) -> dict:
+                          log: Callable[[str], None], resolution_A: float | None = None) -> dict:
     """A run's own half-maps post-processed into the folder ``out`` with RELION's defaults
     (auto-mask unless ``mask``, B-factor fitted from 10 Å). Returns the summary, or
     ``{"error": why}`` when the maps cannot be post-processed (e.g. fewer than 3 shells finer
     than 10 Å for the Guinier fit): the run's other outputs stand, and its log, summary and
-    terminal say why."""
+    terminal say why. ``resolution_A``: the run's cross-validated resolution, when it has one
+    (:func:`cryosplat.postprocess.sharpen.postprocess`)."""
     try:
-        result = postprocess(half_map_1, half_map_2, voxel_size_A, mask)
+        result = postprocess(half_map_1, half_map_2, voxel_size_A, mask,
+                             resolution_A=resolution_A)
     except ValueError as e:
         log(f"post-processing not done: {e}")
         return {"error": str(e)}

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from cryosplat.evaluate import auto_mask, fsc_curves, resolution_A
+from cryosplat.evaluate import auto_mask, fsc_curves
+from cryosplat.evaluate import resolution_A as resolution_A_at
 from cryosplat.fourier import shell_frequencies, shell_index_3d
 
 FSC_WEIGHT_FLOOR = 1e-4  # RELION: components from the first shell below this are zeroed
@@ -128,13 +129,18 @@ def fsc_weights(curve: np.ndarray) -> np.ndarray:
 def postprocess(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size_A: float,
                 mask: torch.Tensor | None = None, bfactor_A2: float | None = None,
                 fit_low_A: float = 10.0, fit_high_A: float = 0.0,
-                lowpass_A: float | None = None, seed: int = 0) -> PostProcessed:
+                lowpass_A: float | None = None, seed: int = 0,
+                resolution_A: float | None = None) -> PostProcessed:
     """Post-process two `(D, D, D)` half-maps (module docstring).
 
     ``mask`` `(D, D, D)` in [0, 1], or None for the auto-mask of their average.
     ``bfactor_A2``: the B-factor to apply (negative sharpens), or None to fit it.
     ``fit_high_A``: the fit's finest resolution (0: Nyquist).
-    ``lowpass_A``: the low-pass, by default the map's resolution."""
+    ``lowpass_A``: the low-pass, by default the map's resolution.
+    ``resolution_A``: the map's resolution when it is measured better than the half-maps'
+    own FSC can (a Gaussian run's cross-validated estimate, :func:`cryosplat.evaluate.
+    cross_validated_fsc`): the result's resolution (and so its default low-pass) is the
+    coarser of it and the corrected FSC's 0.143."""
     a, b = half_map_1.double(), half_map_2.double()
     if a.shape != b.shape or a.ndim != 3 or len(set(a.shape)) != 1:
         raise ValueError(f"half-maps must be cubes of one size: {tuple(a.shape)} and "
@@ -146,7 +152,9 @@ def postprocess(half_map_1: torch.Tensor, half_map_2: torch.Tensor, voxel_size_A
     mask = mask.double()
     curves = fsc_curves(a, b, voxel_size_A, mask, seed)
     corrected = curves["corrected"]
-    resolution = resolution_A(corrected, d, voxel_size_A)
+    resolution = resolution_A_at(corrected, d, voxel_size_A)
+    if resolution_A is not None:
+        resolution = max(resolution, resolution_A)
     shells = shell_index_3d(d)
     n = d // 2 + 1
     k_per_A = shell_frequencies(d, voxel_size_A)
