@@ -49,10 +49,20 @@ def shell_sums(map_a: torch.Tensor, map_b: torch.Tensor
     """
     if map_a.shape != map_b.shape:
         raise ValueError(f"maps differ in shape: {tuple(map_a.shape)} vs {tuple(map_b.shape)}")
-    d = map_a.shape[-1]
+    return transform_shell_sums(flat_rfft(map_a), flat_rfft(map_b), map_a.shape[-1])
+
+
+def flat_rfft(volume: torch.Tensor) -> torch.Tensor:
+    """The float32 rfftn of a `(D, D, D)` map, flattened: what :func:`transform_shell_sums`
+    takes (a map used in several sums is transformed once)."""
+    return torch.fft.rfftn(volume.float(), dim=(-3, -2, -1)).flatten()
+
+
+def transform_shell_sums(fa: torch.Tensor, fb: torch.Tensor, box_size: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`shell_sums` of two maps' :func:`flat_rfft` transforms (box ``box_size``)."""
+    d = box_size
     n = d // 2 + 1
-    fa = torch.fft.rfftn(map_a.float(), dim=(-3, -2, -1)).flatten()
-    fb = torch.fft.rfftn(map_b.float(), dim=(-3, -2, -1)).flatten()
     coord = (rfft_radius_3d(d, device=fa.device) * d).flatten()
     low = coord.floor().clamp(max=n - 2)
     w_high = coord - low  # weight in shell low + 1; past the last shell: 2 - (coord - low)
@@ -252,22 +262,26 @@ def cross_validated_fsc(model_1: torch.Tensor, model_2: torch.Tensor,
     m = mask.to(model_1.device, torch.float64)
     a1, a2, b1, b2 = (x.double() * m for x in (model_1, model_2, reference_1, reference_2))
 
-    def summed(x: torch.Tensor, y: torch.Tensor) -> list[np.ndarray]:
-        return [running_sum(v.cpu().numpy(), window) for v in shell_sums(x, y)]
+    d = model_1.shape[-1]
+    f = {k: flat_rfft(x) for k, x in
+         (("a1", a1), ("a2", a2), ("b1", b1), ("b2", b2), ("map", average.double() * m))}
+
+    def summed(x: str, y: str) -> list[np.ndarray]:
+        return [running_sum(v.cpu().numpy(), window)
+                for v in transform_shell_sums(f[x], f[y], d)]
 
     def corr(c: np.ndarray, p: np.ndarray, q: np.ndarray) -> np.ndarray:
         return c / np.sqrt(np.clip(p * q, 1e-300, None))
 
-    x12, p_a1, p_b2 = summed(a1, b2)
-    x21, p_a2, p_b1 = summed(a2, b1)
-    x11 = summed(a1, b1)[0]
-    x22 = summed(a2, b2)[0]
-    refs_cross = summed(b1, b2)[0]
-    map_power = summed(average.double() * m, average.double() * m)[1]
+    x12, p_a1, p_b2 = summed("a1", "b2")
+    x21, p_a2, p_b1 = summed("a2", "b1")
+    x11 = summed("a1", "b1")[0]
+    x22 = summed("a2", "b2")[0]
+    refs_cross = summed("b1", "b2")[0]
+    map_power = summed("map", "map")[1]
     free = (corr(x12, p_a1, p_b2) + corr(x21, p_a2, p_b1)) / 2
     work = (corr(x11, p_a1, p_b1) + corr(x22, p_a2, p_b2)) / 2
     refs = corr(refs_cross, p_b1, p_b2)
-    d = model_1.shape[-1]
     floor = n_sigma / np.sqrt(np.maximum(running_sum(shell_voxel_counts(d), window), 1))
     low = np.nonzero(refs[1:] < floor[1:])[0]
     last = d // 2 if low.size == 0 else int(low[0])  # last valid shell
