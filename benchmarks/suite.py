@@ -123,8 +123,10 @@ def structure_path(name: str, cache: Path) -> Path | None:
     return target
 
 
-def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool,
-                objective: str = "volume") -> dict:
+def simulate(ds: Dataset, work: Path, cache: Path, env: dict) -> tuple[dict, Path, Path]:
+    """``ds`` simulated into work/NAME/sim (cryosplat simulate, then relion_project for its
+    datasets): (the row so far, the particles' STAR, the ground truth); ``"skipped"`` in the
+    row when relion_project is needed and absent."""
     d = work / ds.name
     cs = [sys.executable, "-m", "cryosplat"]
     structure = structure_path(ds.structure, cache)
@@ -139,9 +141,19 @@ def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool
         if ds.effects:  # relion_project would project at the STAR's perturbed poses
             raise ValueError(f"{ds.name}: effects are made by cryosplat simulate only")
         if not HAVE_RELION:
-            return {**row, "skipped": "relion_project not installed"}
+            return {**row, "skipped": "relion_project not installed"}, star, truth_path
         star, wall, _, sigma = relion_project_noisy(truth_path, star, d / "sim", ds.snr, env)
         row.update(relion_project_s=wall, white_noise_sigma=sigma)
+    return row, star, truth_path
+
+
+def run_dataset(ds: Dataset, work: Path, cache: Path, env: dict, gaussians: bool,
+                objective: str = "volume") -> dict:
+    d = work / ds.name
+    cs = [sys.executable, "-m", "cryosplat"]
+    row, star, truth_path = simulate(ds, work, cache, env)
+    if "skipped" in row:
+        return row
     truth = torch.from_numpy(mrcfile.read(truth_path).copy())
     box, pix = ds.box, ds.pixel_size_A
     curves = {}

@@ -5,6 +5,7 @@ matching writer bug."""
 from __future__ import annotations
 
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +185,19 @@ def real_space_projection(vol: np.ndarray, a: np.ndarray) -> np.ndarray:
     s = r @ a  # rows of (A^T r)^T
     idx = np.stack([s[:, 2], s[:, 1], s[:, 0]]) + d // 2
     return map_coordinates(vol, idx, order=1, cval=0.0).reshape(d, d, d).sum(axis=0)
+
+
+def run_cli(*args) -> int:
+    """The ``cryosplat`` entry point as a user runs it: errors as one line on stderr and an
+    exit status (returned), never a traceback."""
+    from cryosplat.cli import main
+
+    old = sys.argv
+    sys.argv = ["cryosplat", *map(str, args)]
+    try:
+        main()
+        return 0
+    except SystemExit as e:
+        return int(e.code or 0)
+    finally:
+        sys.argv = old

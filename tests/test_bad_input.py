@@ -8,28 +8,21 @@ exception other than our InputError escapes ``main()`` and fails the test: no tr
 from __future__ import annotations
 
 import pickle
-import sys
 from pathlib import Path
 
 import mrcfile
 import numpy as np
 import pytest
 import starfile
-from conftest import make_truth, random_images, write_cryodrgn, write_cs, write_stack, write_star31
-
-
-def run_cli(*args) -> int:
-    from cryosplat.cli import main
-
-    old = sys.argv
-    sys.argv = ["cryosplat", *map(str, args)]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
+from conftest import (
+    make_truth,
+    random_images,
+    run_cli,
+    write_cryodrgn,
+    write_cs,
+    write_stack,
+    write_star31,
+)
 
 
 def one_group(n: int = 12, box: int = 16):

@@ -11,8 +11,12 @@ from typing import Optional
 import torch
 import typer
 
-from cryosplat import diagnostics
+from cryosplat import (
+    cli_poses,  # noqa: F401  (registers refine and abinitio)
+    diagnostics,
+)
 from cryosplat.baseline import run_backprojection
+from cryosplat.cli_app import app
 from cryosplat.demo import run_demo
 from cryosplat.errors import InputError
 from cryosplat.evaluate import fsc_curves, resolutions
@@ -33,13 +37,6 @@ from cryosplat.options import (
     particle_options,
 )
 from cryosplat.postprocess.run import postprocess_files, write_postprocess
-from cryosplat.refine import (
-    RefineConfig,
-    RefineRunConfig,
-    SearchConfig,
-    load_refine_run,
-    run_refinement,
-)
 from cryosplat.report import write_fsc
 from cryosplat.run import load_run, prepare_out_dir, run_reconstruction, start_reconstruction
 from cryosplat.run_config import ParticleSource, RunConfig
@@ -59,9 +56,7 @@ from cryosplat.terminal import (
 )
 from cryosplat.train import TrainConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Cryo-EM reconstruction with a physics-exact Gaussian-splatting renderer.")
-TRAIN, REFINE, SEARCH = TrainConfig(), RefineConfig(), SearchConfig()  # the options' defaults
+TRAIN = TrainConfig()  # the options' defaults
 EFFECTS = Effects()
 
 
@@ -336,41 +331,6 @@ def reconstruct(
             seed=seed, loader_workers=workers, symmetry=sym.upper())))
     p, half = start_reconstruction(config, out, force, new=state is None)
     s = run_reconstruction(p, half, out, config, state, progress=progress_bar)
-    if s is not None:  # rank 0
-        print_reconstruction(s)
-
-
-@app.command()
-@particle_options()
-def refine(
-    particles: Optional[Path] = typer.Argument(None, help=PARTICLES_HELP + " (not with --resume)"),
-    source: Optional[ParticleSource] = None, out: Optional[Path] = typer.Option(None, "--out"),
-    iterations: int = typer.Option(REFINE.iterations, "--iterations",
-                                   help="Rounds of (fit each half-set, search its poses)"),
-    max_angle: float = typer.Option(SEARCH.max_angle_deg, "--max-angle", help="Most rotation, °"),
-    max_shift: float = typer.Option(SEARCH.max_shift_A, "--max-shift", help="Most origin move, Å"),
-    max_defocus: float = typer.Option(SEARCH.max_defocus_A, "--max-defocus",
-                                      help="Most change of defocus (U and V together), Å"),
-    max_resolution: float = typer.Option(REFINE.max_resolution_A, "--max-resolution", help="Å: "
-                                         "align with no finer detail (0: each half-set's own "
-                                         "limit, from its held-out particles)"),
-    device: str = typer.Option(RunConfig.device, "--device", help="cpu, cuda or auto"),
-    nproc: int = NprocOpt,
-    seed: int = typer.Option(TRAIN.seed, "--seed", help="Seeds and half-set split"),
-    truth: Optional[Path] = TruthOpt, mask: Optional[Path] = MaskOpt,
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder"),
-    force: bool = ForceOpt,
-):
-    """Refine each particle's rotation, origin and defocus against its own half-set's Gaussian
-    model (local searches, then gradient steps), alternating with the models' fits; writes
-    DIR/particles.star with the refined values, and the maps, FSC and report."""
-    join_processes(nproc, device)
-    search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
-    config, state, out = new_or_resumed(source, out, resume, truth, mask, load_refine_run,
-                                        lambda fields: RefineRunConfig(
-        **fields, device=device, train=TrainConfig(seed=seed),
-        refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search)))
-    s = run_refinement(config, out, force, state, new=resume is None, progress=progress_bar)
     if s is not None:  # rank 0
         print_reconstruction(s)
 

@@ -251,6 +251,14 @@ def image_matrices(rotations: torch.Tensor, mag_matrix: torch.Tensor | None) -> 
     return m3.transpose(-1, -2) @ rotations
 
 
+def mirrored_rotations(rotations: torch.Tensor) -> torch.Tensor:
+    """The poses `(..., 3, 3)` (RELION matrices ``A``) of the mirror-image map
+    ``V'(x, y, z) = V(x, y, -z)`` that give the same projections: ``F A F`` with
+    ``F = diag(1, 1, -1)`` (the projection along z cannot tell the hands apart)."""
+    f = rotations.new_tensor([1.0, 1.0, -1.0])
+    return rotations * f[:, None] * f[None, :]
+
+
 def random_rotations(n: int, generator: torch.Generator | None = None,
                      dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Rotations drawn uniformly from SO(3) (normalised Gaussian quaternions); `(n, 3, 3)`."""

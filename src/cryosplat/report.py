@@ -290,3 +290,67 @@ symmetry {html.escape(summary.symmetry)},
     with atomic_path(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+def plot_abinitio(history_png, orientations_png, history: list[dict],
+                  rotations: np.ndarray) -> None:
+    """abinitio.png (per minibatch: the resolution limit, the posterior's spread, the mean
+    best score and the mixture's loss) and orientations.png (each particle's viewing
+    direction, the map's direction projected along z, ``A^T (0, 0, 1)``, as longitude and
+    latitude in an equal-area histogram: where views are missing or crowd)."""
+    plt = pyplot()
+    its = [h["iteration"] + 1 for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.4), dpi=110)
+    axes[0].plot(its, [h["resolution_A"] for h in history], "-")
+    axes[0].set_ylabel("resolution limit (Å)")
+    twin = axes[0].twinx()
+    twin.plot(its, [h["n_effective"] for h in history], "--", color="tab:orange")
+    twin.set_ylabel("posterior spread (candidates)", color="tab:orange")
+    axes[1].plot(its, [h["mean_score"] for h in history], "-")
+    axes[1].set_ylabel("mean best score (log-likelihood)")
+    axes[2].plot(its, [h["loss"] for h in history], "-")
+    axes[2].set_ylabel("mixture loss (running sums)")
+    for ax in axes:
+        ax.set_xlabel("minibatch")
+    fig.tight_layout()
+    save_figure(fig, history_png)
+    view = np.asarray(rotations)[:, 2, :]  # A^T (0, 0, 1): the third row of A
+    lon = np.degrees(np.arctan2(view[:, 1], view[:, 0]))
+    sin_lat = np.clip(view[:, 2], -1, 1)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=110)
+    counts, _, _, im = ax.hist2d(lon, sin_lat, bins=(36, 18), range=((-180, 180), (-1, 1)),
+                                 cmap="viridis")
+    fig.colorbar(im, ax=ax, label="particles per bin (equal areas)")
+    ax.set_xlabel("longitude of the viewing direction (°)")
+    ax.set_ylabel("sin(latitude)")
+    ax.set_title(f"{len(view)} particles; emptiest bin {int(counts.min())}, "
+                 f"fullest {int(counts.max())}")
+    fig.tight_layout()
+    save_figure(fig, orientations_png)
+
+
+def write_abinitio_report(out_dir, summary) -> Path:
+    """report.html of an ab initio folder (an :class:`~cryosplat.summary.AbinitioSummary`):
+    the model's pictures, how the run went, the orientation distribution, what to do next."""
+    out = Path(out_dir)
+    s = summary
+    notes = []
+    if s.poses_in_file_ignored:
+        notes.append("The poses in the input file were ignored: every pose here was estimated "
+                     "from the images.")
+    notes.append("The hand of an ab initio map is undetermined (a map and its mirror image "
+                 "give the same projections). " + ("This is the mirror image of the map found "
+                 "(--flip-hand)." if s.hand_flipped else "If the map has the wrong hand "
+                 "(left-handed helices), run again with --flip-hand or mirror it."))
+    notes.append("The poses come from one model of all particles: a reconstruction from them "
+                 "is not gold standard. Refine from this model with independent half-sets "
+                 "before you report a resolution.")
+    body = (f"<p>{s.particles} particles, box {s.box_size} of {s.pixel_size_A:g} Å; searched "
+            f"in a box of {s.working_box} of {s.working_pixel_A:.3g} Å to "
+            f"{s.final_resolution_A:g} Å; {s.gaussians} Gaussians; symmetry {s.symmetry}; "
+            f"{s.wall_time_s:.0f} s; global search {s.search_rate:.3g} rotations x origins x "
+            "particles per second.</p>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes)
+            + map_section(out, "The initial model (the mixture voxelised in the particles' box)")
+            + "<h2>The run</h2>" + embed_png(out / "abinitio.png")
+            + "<h2>Orientations</h2>" + embed_png(out / "orientations.png"))
+    return write_page(out, "cryosplat abinitio", body)

@@ -193,3 +193,36 @@ class RunSummary:
     def read(cls, path: str | Path) -> RunSummary:
         """A run folder's summary.json."""
         return cls.from_json(json.loads(Path(path).read_text()))
+
+
+@dataclass
+class AbinitioSummary:
+    """``abinitio``'s summary.json: the particles, the working box the search ran in, the
+    final resolution it aligned to, the search's speed (rotations x origins x particles scored
+    per second in the final pass), whether the hand was flipped, and the history (one dict
+    per minibatch: iteration, resolution_A, n_effective, mean_score, mean_contrast, loss,
+    elapsed_s)."""
+
+    particles: int
+    box_size: int
+    pixel_size_A: float
+    working_box: int
+    working_pixel_A: float
+    final_resolution_A: float
+    symmetry: str
+    gaussians: int
+    wall_time_s: float
+    search_rate: float
+    hand_flipped: bool
+    poses_in_file_ignored: bool
+    history: list[dict[str, Any]] = field(default_factory=list)
+    outputs: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """summary.json's contents."""
+        return dict(self.__dict__)
+
+    @classmethod
+    def read(cls, path: str | Path) -> AbinitioSummary:
+        """An abinitio folder's summary.json."""
+        return cls(**json.loads(Path(path).read_text()))

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from cryosplat.errors import exit_status
 from cryosplat.report import HALF_MAP_CAUTION
-from cryosplat.summary import BackprojectionSummary, Headline, RunSummary
+from cryosplat.summary import AbinitioSummary, BackprojectionSummary, Headline, RunSummary
 
 console = Console()
 err_console = Console(stderr=True)
@@ -121,6 +121,23 @@ def print_reconstruction(summary: RunSummary) -> None:
                       f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, "
                       f"{med['defocus_A']:.0f} Å of defocus)")
     console.print(f"report: {summary.report}")
+
+
+def print_abinitio(summary: AbinitioSummary, out: Path) -> None:
+    """What a finished ``abinitio`` made, the hand caution and the next step."""
+    s = summary
+    if s.poses_in_file_ignored:
+        console.print("the poses in the input file were ignored")
+    console.print(f"[bold]initial model[/bold]: {s.outputs['map']} ({s.gaussians} Gaussians, "
+                  f"aligned to {s.final_resolution_A:g} Å in a box of {s.working_box} of "
+                  f"{s.working_pixel_A:.3g} Å, {s.wall_time_s:.0f} s; global search "
+                  f"{s.search_rate:.3g} rotations x origins x particles per s)")
+    console.print(f"[bold]estimated poses[/bold]: {s.outputs['particles_star']}")
+    console.print("[yellow]caution:[/yellow] the hand is undetermined"
+                  + (" (this is the mirror image: --flip-hand)" if s.hand_flipped else
+                     "; --flip-hand writes the mirror image and its poses")
+                  + ". The poses come from one model of all particles: not gold standard.")
+    console.print(f"report: {s.outputs['report']}")
 
 
 def print_postprocess(pp: dict | None) -> None:

@@ -113,6 +113,15 @@ class GaussianMixture(torch.nn.Module):
                                           symmetry)
         return voxelise(means, cov, amp, box_size, voxel_size_A, **kwargs)
 
+    @torch.no_grad()
+    def mirrored(self) -> GaussianMixture:
+        """A new mixture, the mirror image of this one through the plane z = 0 (the other
+        hand): means ``(x, y, -z)``, orientations ``F R F`` (``F = diag(1, 1, -1)``: the
+        quaternion ``(w, -x, -y, z)``), the same scales and amplitudes."""
+        flip = self.means_A.new_tensor([1.0, 1.0, -1.0])
+        q = self.quaternions * self.quaternions.new_tensor([1.0, -1.0, -1.0, 1.0])
+        return GaussianMixture(self.means_A * flip, self.scales_A, q, self.amplitudes)
+
     def expanded(self, symmetry: torch.Tensor | None) -> GaussianMixture:
         """A new mixture (no gradient) of the G symmetry copies of this one: what the
         reconstruction holds, for exports and pictures; this one without ``symmetry``."""

@@ -3,7 +3,8 @@ angles, origins and defoci in place, readable by RELION, cryoSPARC's importer an
 
 From a RELION 3.1+ STAR every block and column is kept as it was and only rlnAngleRot/Tilt/
 Psi, rlnOriginX/YAngst and rlnDefocusU/V are replaced (rlnRandomSubset is set to the run's
-half-sets, so RELION and cryoSPARC keep them). A RELION 3.0 STAR, a cryoSPARC ``.cs`` or a
+half-sets, so RELION and cryoSPARC keep them), and rlnImageName names each stack by the path
+it was read from, so the new file finds the images wherever it is written. A RELION 3.0 STAR, a cryoSPARC ``.cs`` or a
 cryoDRGN stack becomes a RELION 3.1 STAR (data_optics + data_particles) whose image names
 point at the original stacks, with every other column of a 3.0 STAR kept.
 """
@@ -35,6 +36,11 @@ def refined_tables(refined: Particles, half_set: np.ndarray) -> dict[str, pd.Dat
     if "optics" in blocks and "particles" in blocks:
         tables = {k: (v.copy() if isinstance(v, pd.DataFrame) else v) for k, v in blocks.items()}
         particles = tables["particles"].iloc[:n].reset_index(drop=True)  # --max-particles
+        # the names as resolved on read: a name relative to the input's folder would not be
+        # found beside the new file (measured: a cryosplat simulate STAR, abinitio's output)
+        images = refined.images
+        particles["rlnImageName"] = [f"{int(s) + 1:06d}@{images.files[int(f)]}"
+                                     for f, s in zip(images.file_index, images.slice_index)]
     else:
         if refined.origin_scale is not None:
             raise InputError(src, "its optics groups were rescaled to one pixel size; the refined "

@@ -1,0 +1,1 @@
+"""``cryosplat abinitio``: an initial model and poses from particles with CTF parameters only."""
