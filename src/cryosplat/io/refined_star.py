@@ -1,12 +1,14 @@
-"""The STAR file ``cryosplat refine`` writes: the input's rows and columns, with the refined
-angles, origins and defoci in place, readable by RELION, cryoSPARC's importer and cryosplat.
+"""The STAR file ``cryosplat refine`` (and ``abinitio``) writes: the input's rows and
+columns, with the refined angles, origins and defoci in place, readable by RELION,
+cryoSPARC's importer and cryosplat.
 
 From a RELION 3.1+ STAR every block and column is kept as it was and only rlnAngleRot/Tilt/
 Psi, rlnOriginX/YAngst and rlnDefocusU/V are replaced (rlnRandomSubset is set to the run's
 half-sets, so RELION and cryoSPARC keep them), and rlnImageName names each stack by the path
-it was read from, so the new file finds the images wherever it is written. A RELION 3.0 STAR, a cryoSPARC ``.cs`` or a
-cryoDRGN stack becomes a RELION 3.1 STAR (data_optics + data_particles) whose image names
-point at the original stacks, with every other column of a 3.0 STAR kept.
+it was read from, so the new file finds the images wherever it is written. A RELION 3.0
+STAR, a cryoSPARC ``.cs`` or a cryoDRGN stack becomes a RELION 3.1 STAR (data_optics +
+data_particles) whose image names point at the original stacks, with every other column of
+a 3.0 STAR kept.
 """
 
 from __future__ import annotations
