@@ -34,14 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from cryosplat import geometry
-from cryosplat.refine.search import extract_slices
+from cryosplat.refine.search import AXIS_STEPS, ORIGIN_STEPS, extract_slices
 
 _PSI = 1.533751168755204288118041  # the root of x^4 = x + 4 that Alexa's spiral uses
-_AXES = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)])  # (7, 3), the centre at 0
-_GRID2 = torch.stack(torch.meshgrid(*[torch.tensor([-1.0, 0.0, 1.0])] * 2, indexing="ij"),
-                     -1).reshape(-1, 2)  # (9, 2), the centre at 4
-
-
 def so3_grid(n: int, device=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``n`` rotations spread evenly over SO(3) (a super-Fibonacci spiral of quaternions):
     `(n, 3, 3)`. The same ``n`` always gives the same rotations."""
@@ -89,6 +84,11 @@ def weighted_centred(data: torch.Tensor, ctf: torch.Tensor, weight: torch.Tensor
     g = (data * ctf.conj() * weight)[:, None] if ctf.is_complex() else \
         (data * ctf * weight)[:, None]
     return g * phase
+
+
+def transfer_power(ctf: torch.Tensor) -> torch.Tensor:
+    """``|CTF|²`` of a real or complex transfer, elementwise."""
+    return ctf.real**2 + ctf.imag**2 if ctf.is_complex() else ctf * ctf
 
 
 def profiled_scores(slices: torch.Tensor, weighted: torch.Tensor, power_weight: torch.Tensor
@@ -140,7 +140,7 @@ def global_search(sampled: torch.Tensor, grid_rotations: torch.Tensor, origins_A
     b = data.shape[0]
     dev = data.device
     wg = weighted_centred(data, ctf, weight, origins_A, points.frequency, pixel_size_A)
-    pw = weight * (ctf.real**2 + ctf.imag**2 if ctf.is_complex() else ctf * ctf)
+    pw = weight * transfer_power(ctf)
     n_s = len(origins_A)
     best_s = torch.full((b, 0), -torch.inf, device=dev)
     best_i = torch.zeros((b, 0), dtype=torch.long, device=dev)
@@ -173,14 +173,14 @@ def local_search(sampled: torch.Tensor, hits: Hits, data: torch.Tensor, ctf: tor
     org = hits.origins_A.reshape(b * m, 2)
     rep = torch.arange(b, device=dev).repeat_interleave(m)
     d, c = data[rep], ctf[rep]
-    pw = weight * (c.real**2 + c.imag**2 if c.is_complex() else c * c)
+    pw = weight * transfer_power(c)
     score = hits.score.reshape(-1)
     contrast = hits.contrast.reshape(-1)
     for level in range(levels):
         step = 2.0 ** -(level + 1)
-        w = _AXES.to(dev) * math.radians(step_deg * step)
+        w = AXIS_STEPS.to(dev) * math.radians(step_deg * step)
         cand_r = geometry.axis_angle_to_matrix(w) @ rot[:, None]  # (BM, 7, 3, 3)
-        cand_o = org[:, None] + _GRID2.to(dev) * shift_step_A * step  # (BM, 9, 2)
+        cand_o = org[:, None] + ORIGIN_STEPS.to(dev) * shift_step_A * step  # (BM, 9, 2)
         cand_o = torch.where(cand_o.norm(dim=-1, keepdim=True) <= max_shift_A + 1e-6, cand_o,
                              org[:, None])
         sl = extract_slices(sampled, cand_r, points)  # (BM, 7, K)

@@ -37,8 +37,8 @@ from cryosplat.train.volume import AccumulatedObjective
 
 _GRID3 = torch.stack(torch.meshgrid(*[torch.tensor([-1.0, 0.0, 1.0])] * 3, indexing="ij"),
                      -1).reshape(-1, 3)  # (27, 3), the centre at 13
-_AXES = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)])  # (7, 3), the centre at 0
-_GRID2 = torch.stack(torch.meshgrid(*[torch.tensor([-1.0, 0.0, 1.0])] * 2, indexing="ij"),
+AXIS_STEPS = torch.cat([torch.zeros(1, 3), torch.eye(3), -torch.eye(3)])  # (7, 3), the centre at 0
+ORIGIN_STEPS = torch.stack(torch.meshgrid(*[torch.tensor([-1.0, 0.0, 1.0])] * 2, indexing="ij"),
                      -1).reshape(-1, 2)  # (9, 2), the centre at 4
 _DEFOCUS = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
 
@@ -197,10 +197,10 @@ def refine_batch(transform: torch.Tensor, data: torch.Tensor, ctf: CTFParams, po
     rot, org, dfc = pose.rotations, pose.origins_A, pose.defocus_change_A
     for level in range(cfg.levels):
         step = scale / 2**level
-        grid = _GRID3 if level == 0 else _AXES
+        grid = _GRID3 if level == 0 else AXIS_STEPS
         cand_r = geometry.axis_angle_to_matrix(grid.to(dev) * torch.deg2rad(
             torch.tensor(cfg.angle_step_deg * step))) @ rot[:, None]  # (B, 27, 3, 3)
-        cand_o = org[:, None] + _GRID2.to(dev) * cfg.shift_step_A * step  # (B, 9, 2)
+        cand_o = org[:, None] + ORIGIN_STEPS.to(dev) * cfg.shift_step_A * step  # (B, 9, 2)
         with torch.no_grad():
             s = scores(extract_slices(transform, _imaged(cand_r, ctf), points),
                        ctf_at(ctf, dfc[:, None], points, pixel_size_A),
@@ -209,7 +209,7 @@ def refine_batch(transform: torch.Tensor, data: torch.Tensor, ctf: CTFParams, po
             s = s.masked_fill(~(ok_r[:, :, None] & ok_o[:, None, :]), -torch.inf)
             best = s.reshape(b, -1).argmax(-1)
         pick = torch.arange(b, device=dev)
-        rot, org = cand_r[pick, best // len(_GRID2)], cand_o[pick, best % len(_GRID2)]
+        rot, org = cand_r[pick, best // len(ORIGIN_STEPS)], cand_o[pick, best % len(ORIGIN_STEPS)]
     with torch.no_grad():  # defocus, at the best rotation and origin
         cand_d = dfc[:, None] + _DEFOCUS.to(dev) * cfg.defocus_step_A * scale  # (B, 5)
         slices = extract_slices(transform, _imaged(rot[:, None], ctf), points)  # (B, 1, K)
