@@ -13,12 +13,15 @@ For each dataset (simulated as ``suite.py`` does, or reused from a suite --workd
    for this scoring;
 3. the angular error of every particle after that alignment (median, 90th percentile, the
    share within 10°), and converged = median within 10°;
+3b. with ``--chain``: ``cryosplat refine STAR --global --ref abinitio_sSEED/initial_model.mrc``
+   with defaults (the global stage, local refinement, reconstruction), its poses scored the
+   same way after the global stage and at the end, its map rebuilt from its aligned poses;
 4. with ``--reconstruct``: ``cryosplat reconstruct`` from the aligned poses (the map in the
    truth's frame and hand, no interpolation) and its FSC against the truth, beside
    ``reconstruct`` from the true poses (the suite's, when its folder is there).
 
     .venv/bin/python benchmarks/abinitio.py [--datasets NAME ...] [--seeds 0 1 2 3 4]
-        [--workdir DIR] [--reconstruct] [--reuse] [--out benchmarks/results]
+        [--workdir DIR] [--reconstruct] [--chain] [--reuse] [--out benchmarks/results]
 
 Writes abinitio.json and prints one line per run.
 """
@@ -97,6 +100,49 @@ def modulo_two_fold(true_rot: torch.Tensor, rot: torch.Tensor, err: torch.Tensor
     return torch.minimum(err, err2), float((err2 < err).double().mean())
 
 
+def score_map(est, rot: torch.Tensor, org: torch.Tensor, folder: Path, truth_path: Path,
+              truth: torch.Tensor, ds, cs: list[str], env: dict) -> dict:
+    """``cryosplat reconstruct`` from poses aligned to the truth (the map in the truth's frame
+    and hand, no interpolation) and its FSC against the truth."""
+    half = est.half_set.numpy().astype(np.int64)
+    aligned_star = write_refined_star(folder / "aligned_to_truth.star", with_poses(
+        est, Pose(rot, org, torch.zeros(len(est), dtype=torch.float64))), half)
+    rec = folder / "reconstruct_aligned"
+    _, rwall, _ = run_child([*cs, "reconstruct", str(aligned_star), "--out", str(rec),
+                             "--truth", str(truth_path), "--force"], env)
+    curve = truth_fsc(rec / "map.mrc", truth)
+    return {**crossings(curve, ds.box, ds.pixel_size_A), "mean_fsc": float(curve[1:].mean()),
+            "wall_s": rwall}
+
+
+def chain(star: Path, abinitio: Path, out: Path, true_p, truth_path: Path, truth: torch.Tensor,
+          ds, cs: list[str], env: dict, reuse: bool) -> dict:
+    """``cryosplat refine STAR --global --ref ABINITIO/initial_model.mrc`` with defaults, its
+    poses after the global stage and at the end scored against the truth, and its map (made
+    again from its final poses aligned to the truth: :func:`score_map`)."""
+    if reuse and (out / "summary.json").is_file():
+        wall, rss = RunSummary.read(out / "summary.json").wall_time_s, float("nan")
+    else:
+        _, wall, rss = run_child([*cs, "refine", str(star), "--global", "--ref",
+                                  str(abinitio / "initial_model.mrc"), "--out", str(out),
+                                  "--force"], env)
+    g = read_particles(out / "global_poses.star")
+    ge = aligned(true_p.rotations, true_p.shifts_A, g.rotations, g.shifts_A)[2].numpy()
+    est = read_particles(out / "particles.star")
+    rot, org, err, flipped, mates = aligned(true_p.rotations, true_p.shifts_A, est.rotations,
+                                            est.shifts_A)
+    e = err.numpy()
+    stage = RunSummary.read(out / "summary.json").refinement["global_stage"]
+    return {"wall_s": wall, "refine_wall_s": wall, "peak_rss_MiB": rss,
+            "global_stage_s": stage["time_s"], "search_rate": stage["search_rate"],
+            "global_median_deg": float(np.median(ge)),
+            "global_within_10_deg": float((ge < 10).mean()),
+            "median_error_deg": float(np.median(e)), "p90_error_deg": float(np.percentile(e, 90)),
+            "within_10_deg": float((e < 10).mean()), "share_at_two_fold_mate": mates,
+            "converged": bool(np.median(e) < 10),
+            "map": score_map(est, rot, org, out, truth_path, truth, ds, cs, env)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--datasets", nargs="+", choices=[d.name for d in DATASETS], default=DEFAULT)
@@ -106,6 +152,8 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "cryosplat-suite")
     ap.add_argument("--reconstruct", action="store_true",
                     help="Also reconstruct from the aligned poses and from the true ones")
+    ap.add_argument("--chain", action="store_true", help="Then refine --global --ref the "
+                    "initial model (the whole chain) and score its poses and map as well")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     ap.add_argument("--reuse", action="store_true", help="Score the abinitio folders already "
                     "in --workdir instead of running them again (wall time from summary.json)")
@@ -130,7 +178,7 @@ def main() -> None:
         truth = torch.from_numpy(mrcfile.read(truth_path).copy())
         true_p = read_particles(true_star)
         reference = None
-        if args.reconstruct:
+        if args.reconstruct or args.chain:
             rec = d / "reconstruct"
             if not (rec / "summary.json").is_file():
                 run_child([*cs, "reconstruct", str(star), "--out", str(rec), "--truth",
@@ -161,17 +209,16 @@ def main() -> None:
                    "within_10_deg": float((e < 10).mean()),
                    "converged": bool(np.median(e) < 10)}
             if args.reconstruct:
-                half = est.half_set.numpy().astype(np.int64)
-                aligned_star = write_refined_star(out / "aligned_to_truth.star", with_poses(
-                    est, Pose(rot, org, torch.zeros(len(est), dtype=torch.float64))), half)
-                rec = out / "reconstruct_aligned"
-                _, rwall, _ = run_child([*cs, "reconstruct", str(aligned_star), "--out", str(rec),
-                                         "--truth", str(truth_path), "--force"], env)
-                curve = truth_fsc(rec / "map.mrc", truth)
-                run["reconstruct_from_abinitio"] = {
-                    **crossings(curve, ds.box, ds.pixel_size_A),
-                    "mean_fsc": float(curve[1:].mean()), "wall_s": rwall}
-                run["reconstruct_from_true_poses"] = reference
+                run["reconstruct_from_abinitio"] = score_map(est, rot, org, out, truth_path,
+                                                             truth, ds, cs, env)
+            run["reconstruct_from_true_poses"] = reference
+            if args.chain:
+                run["chain"] = chain(star, out, d / f"chain_s{seed}", true_p, truth_path, truth,
+                                     ds, cs, env, args.reuse)
+                run["chain"]["wall_s"] += wall
+                if reference is not None:
+                    run["chain"]["time_vs_true_pose_reconstruct"] = (run["chain"]["wall_s"]
+                                                                     / reference["wall_s"])
             result["runs"].append(run)
             line = (f"{ds.name:14} seed {seed}: {wall:6.0f} s, "
                     + (f"{100 * mates:.0f}% at the 2-fold mate, " if mates else "")
@@ -183,6 +230,11 @@ def main() -> None:
                 a, r = run["reconstruct_from_abinitio"], reference
                 line += (f"; map from these poses {a['0.5']:.2f} Å (mean FSC {a['mean_fsc']:.3f})"
                          f" vs true poses {r['0.5']:.2f} Å ({r['mean_fsc']:.3f})")
+            if args.chain:
+                c = run["chain"]
+                line += (f"; chain {c['wall_s']:.0f} s: global stage {c['global_median_deg']:.2f}°"
+                         f", final {c['median_error_deg']:.2f}° (90% {c['p90_error_deg']:.2f}°), "
+                         f"map {c['map']['0.5']:.2f} Å (mean FSC {c['map']['mean_fsc']:.3f})")
             print(line, flush=True)
             write_json(result, args.out, "abinitio.json")
     runs = result["runs"]

@@ -11,6 +11,7 @@ import typer
 from cryosplat.abinitio.config import AbinitioConfig
 from cryosplat.abinitio.run import AbinitioRunConfig, load_abinitio_run, run_abinitio_folder
 from cryosplat.cli_app import app
+from cryosplat.errors import InputError
 from cryosplat.options import (
     PARTICLES_HELP,
     ForceOpt,
@@ -29,11 +30,13 @@ from cryosplat.refine import (
     load_refine_run,
     run_refinement,
 )
+from cryosplat.refine.global_refine import GlobalConfig
 from cryosplat.run_config import ParticleSource, RunConfig
 from cryosplat.terminal import print_abinitio, print_reconstruction, progress_bar
 from cryosplat.train import TrainConfig
 
 TRAIN, REFINE, SEARCH, ABINITIO = TrainConfig(), RefineConfig(), SearchConfig(), AbinitioConfig()
+GLOBAL = GlobalConfig()
 
 
 @app.command()
@@ -92,6 +95,21 @@ def refine(
     max_resolution: float = typer.Option(REFINE.max_resolution_A, "--max-resolution", help="Å: "
                                          "align with no finer detail (0: each half-set's own "
                                          "limit, from its held-out particles)"),
+    global_search: bool = typer.Option(False, "--global", help="First search every particle "
+                                       "over all rotations and origins against --ref (poses in "
+                                       "the file are not read), each half-set apart"),
+    ref: Optional[Path] = typer.Option(None, "--ref", help="MRC map the --global search starts "
+                                       "from (abinitio's initial_model.mrc or your own)"),
+    initial_resolution: float = typer.Option(GLOBAL.initial_resolution_A,
+                                             "--initial-resolution",
+                                             help="Å: --ref is low-passed to this"),
+    global_resolution: float = typer.Option(GLOBAL.final_resolution_A, "--global-resolution",
+                                            help="Å: the finest the global stage aligns to"),
+    global_iterations: int = typer.Option(GLOBAL.iterations, "--global-iterations",
+                                          help="Iterations of the global stage (the first "
+                                          f"{GLOBAL.global_iterations} over all rotations)"),
+    diameter: float = typer.Option(GLOBAL.particle_diameter_A, "--particle-diameter",
+                                   help="Å: the global stage's mask (0: 70% of the box)"),
     device: str = typer.Option(RunConfig.device, "--device", help="cpu, cuda or auto"),
     nproc: int = NprocOpt,
     seed: int = typer.Option(TRAIN.seed, "--seed", help="Seeds and half-set split"),
@@ -101,13 +119,26 @@ def refine(
 ):
     """Refine each particle's rotation, origin and defocus against its own half-set's Gaussian
     model (local searches, then gradient steps), alternating with the models' fits; writes
-    DIR/particles.star with the refined values, and the maps, FSC and report."""
+    DIR/particles.star with the refined values, and the maps, FSC and report. With --global
+    --ref MAP, a global search of every particle comes first (gold standard from MAP
+    low-passed to --initial-resolution); --iterations 0 then reconstructs from its poses."""
+    if global_search != (ref is not None):
+        raise InputError(None, "--global needs --ref MAP (the map it starts from), and --ref "
+                               "is only for --global")
     join_processes(nproc, device)
     search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
+    stage = None if ref is None else GlobalConfig(
+        reference=str(ref.resolve()), initial_resolution_A=initial_resolution,
+        final_resolution_A=global_resolution, iterations=global_iterations,
+        global_iterations=min(GLOBAL.global_iterations, global_iterations),
+        particle_diameter_A=diameter)
+    if ref is not None and not ref.is_file():
+        raise InputError(ref, "not found (--ref)")
     config, state, out = new_or_resumed(source, out, resume, truth, mask, load_refine_run,
                                         lambda fields: RefineRunConfig(
         **fields, device=device, train=TrainConfig(seed=seed),
-        refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search)))
+        refine=RefineConfig(iterations, max_resolution_A=max_resolution, search=search,
+                            global_search=stage)))
     s = run_refinement(config, out, force, state, new=resume is None, progress=progress_bar)
     if s is not None:  # rank 0
         print_reconstruction(s)

@@ -16,3 +16,9 @@ ProgressFactory = Callable[[str, int, int], AbstractContextManager[Advance]]
 def no_progress(description: str, total: int, completed: int = 0) -> Iterator[Advance]:
     """A :data:`ProgressFactory` that shows nothing."""
     yield lambda n, info="": None
+
+
+def bar(progress: ProgressFactory | None, description: str, total: int,
+        completed: int = 0) -> AbstractContextManager[Advance]:
+    """A bar of ``progress``, or of :func:`no_progress` when it is None."""
+    return (progress or no_progress)(description, total, completed)

@@ -185,6 +185,27 @@ def plot_pose_changes(path, changes: dict[str, np.ndarray], half_set: np.ndarray
     save_figure(fig, path)
 
 
+def plot_global_stage(path, history: list[dict]) -> None:
+    """global_stage.png (``cryosplat refine --global``): per iteration, the limit searched to
+    and the half-maps' FSC-0.143 resolution (Å), and each half-set's median rotation change."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    its = [r["iteration"] for r in history]
+    a.plot(its, [r["limit_A"] for r in history], "o-", label="search limit")
+    a.plot(its, [r["resolution_A"] for r in history], "s--", label="half-maps' FSC 0.143")
+    a.set_xlabel("iteration")
+    a.set_ylabel("Å")
+    a.legend(fontsize=8)
+    for h in (0, 1):
+        b.plot(its, [np.nan if r["median_change_deg"][h] is None else r["median_change_deg"][h]
+                     for r in history], "o-", label=f"half {h + 1}")
+    b.set_xlabel("iteration (global searches, then local)")
+    b.set_ylabel("median rotation change (°)")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def postprocess_paragraph(pp: dict) -> str:
     """The report's paragraph on a post-processing's summary (``postprocess/summary.json``)."""
     return (f"<p><b>Post-processed</b> (masked, phase-randomisation corrected FSC at 0.143): "
@@ -229,7 +250,23 @@ def _refinement_section(summary: RunSummary, img: Callable[[str], str]) -> str:
             f"<td>{row[f'half_{h}']['median_defocus_A']:.0f}</td>" for h in (1, 2))
         + f"<td>{row['particles_per_s']:.0f}</td></tr>" for row in r["iterations"])
     med = r["median_change_from_input"]
-    return (f"<h2>Refinement</h2><p>Median change from the input poses: "
+    g = r.get("global_stage")
+    stage = "" if g is None else (
+        "<h2>Global stage</h2><p>The particle file's poses were not read. Each half-set was "
+        f"searched against its own map from {html.escape(g['reference'])} low-passed, in a "
+        f"working box of {g['working_box']} px of {g['working_pixel_A']:.3g} Å, over "
+        f"{len(g['history'])} iterations ({g['time_s']:.0f} s); poses in "
+        f"{html.escape(g['poses_star'])}. The refinement below starts from them.</p>"
+        + "<table><tr><th>iteration</th><th>search</th><th>limit (Å)</th><th>half-maps' FSC "
+        "0.143 (Å)</th><th>median change (°)</th></tr>" + "".join(
+            f"<tr><td>{h['iteration']}</td><td>{h['search']}</td><td>{h['limit_A']:.1f}</td>"
+            f"<td>{h['resolution_A']:.1f}</td><td>"
+            + ", ".join("–" if c is None else f"{c:.2f}" for c in h["median_change_deg"])
+            + "</td></tr>"
+            for h in g["history"]) + f"</table>{img('global_stage.png')}")
+    if not r["iterations"]:
+        return stage
+    return (f"{stage}<h2>Refinement</h2><p>Median change from the input poses: "
             f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, {med['defocus_A']:.0f} Å "
             f"of defocus; refined poses in {html.escape(r['particles_star'])}.</p>"
             "<table><tr><th>iteration</th>" + "<th>limit (Å)</th><th>median step (°)</th>"

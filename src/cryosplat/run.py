@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -65,17 +66,22 @@ def prepare_out_dir(out: Path, force: bool) -> Path:
 
 
 def start_reconstruction(config: RunConfig, out: Path, force: bool = False,
-                         new: bool = True, shares_ranks: bool = False
+                         new: bool = True, shares_ranks: bool = False, needs_poses: bool = True,
+                         check: Callable[[Particles], object] | None = None
                          ) -> tuple[Particles, np.ndarray]:
     """Read and check the particles of ``config`` and assign their half-sets (once for the
     whole run); for a ``new`` run, then make ``out`` (refusing a non-empty one without
     ``force``) and write config.json there. Every check comes before the folder is made.
-    ``shares_ranks``: the caller divides the work between torchrun's processes itself (refine).
-    Returns (the particles, the half-set of each)."""
+    ``shares_ranks``: the caller divides the work between torchrun's processes itself (refine);
+    ``needs_poses`` False: the caller estimates them (``refine --global``); ``check(p)``: the
+    caller's own checks. Returns (the particles, the half-set of each)."""
     p = config.read()
-    p.require_poses()
+    if needs_poses:
+        p.require_poses()
     p.require_ctf()
     p.check_images()
+    if check is not None:
+        check(p)
     half = assign_half_sets(p, config.train.seed)
     if config.train.objective == "images":
         check_batch_size(p, half, config.train)

@@ -116,6 +116,14 @@ def print_reconstruction(summary: RunSummary) -> None:
     print_postprocess(summary.postprocess)
     if summary.refinement is not None:  # cryosplat refine
         r = summary.refinement
+        g = r.get("global_stage")
+        if g is not None:
+            last = g["history"][-1]
+            console.print(f"[bold]global stage[/bold]: the file's poses were not read; "
+                          f"{len(g['history'])} iterations from {g['reference']}, to "
+                          f"{last['limit_A']:.1f} Å in {g['time_s']:.0f} s (global search "
+                          f"{g['search_rate']:.3g} rotations x origins x particles per s); "
+                          f"poses in {g['poses_star']}")
         med = r["median_change_from_input"]
         console.print(f"[bold]refined poses[/bold]: {r['particles_star']} (median change "
                       f"{med['angle_deg']:.2f}°, {med['shift_A']:.2f} Å of origin, "

@@ -34,19 +34,19 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 
 from cryosplat.abinitio.config import AbinitioConfig
-from cryosplat.abinitio.working import Searcher, WorkingSet, load_working_set, working_box
 from cryosplat.errors import InputError
 from cryosplat.fourier_slice import Insertion
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.io import Particles
+from cryosplat.progress import bar
 from cryosplat.refine.global_search import Hits, tempered_weights
+from cryosplat.refine.working import Searcher, WorkingSet, load_working_set, working_box
 from cryosplat.symmetry import symmetry_or_none
 from cryosplat.train.densify import PARAMETERS
 from cryosplat.train.volume import AccumulatedObjective, calibrate_amplitudes
@@ -156,12 +156,11 @@ def run_abinitio(particles: Particles, cfg: AbinitioConfig, device: torch.device
     ``on_iteration(state)`` after every minibatch, for checkpoints. ``progress``: a
     :class:`~cryosplat.progress.ProgressFactory`."""
     box = check_particles(particles, cfg)
-    bar = _bar(progress, "reading particles", len(particles))
-    with bar as advance:
+    with bar(progress, "reading particles", len(particles)) as advance:
         ws = load_working_set(particles, box, device, advance)
     log(f"working box {box} px of {ws.pixel_size_A:.3g} Å (Nyquist {2 * ws.pixel_size_A:.3g} Å)"
         f", {len(ws)} particles in memory")
-    searcher = Searcher(ws, cfg, device)
+    searcher = Searcher(ws, cfg.angle_step_deg, cfg.max_shift_A, cfg.local_levels, device)
     log(f"global search: {len(searcher.rotations)} rotations x {len(searcher.origins)} origins "
         f"(within {searcher.max_shift_A:.3g} Å), {cfg.candidates} candidates locally searched "
         f"over {cfg.local_levels} levels")
@@ -187,7 +186,7 @@ def run_abinitio(particles: Particles, cfg: AbinitioConfig, device: torch.device
         rng.bit_generator.state = state["rng"]
         log(f"resumed after iteration {start_it} of {cfg.iterations}")
     t0 = time.perf_counter() - elapsed0
-    with _bar(progress, "ab initio", cfg.iterations, start_it) as advance:
+    with bar(progress, "ab initio", cfg.iterations, start_it) as advance:
         for i in range(start_it, cfg.iterations):
             res = _resolution(cfg, i)
             shell = searcher.limit_shell(res)
@@ -237,7 +236,7 @@ def final_pass(ws: WorkingSet, searcher: Searcher, fit: ModelFit,
     contrast = torch.empty(n, device=dev)
     num = den = None
     search_s = 0.0
-    with _bar(progress, "final search", n) as advance:
+    with bar(progress, "final search", n) as advance:
         for s in range(0, n, cfg.batch_size):
             idx = torch.arange(s, min(s + cfg.batch_size, n), device=dev)
             t = time.perf_counter()
@@ -259,10 +258,3 @@ def final_pass(ws: WorkingSet, searcher: Searcher, fit: ModelFit,
         f"search {rate:.3g} rotations x origins x particles per s")
     return AbinitioResult(fit.model, rot.cpu().double(), org.cpu().double(), score.cpu(),
                           contrast.cpu(), ws.box_size, ws.pixel_size_A, history, rate)
-
-
-def _bar(progress, description: str, total: int, completed: int = 0):
-    """A progress bar of ``progress`` (a ProgressFactory), or one that does nothing."""
-    if progress is None:
-        return nullcontext(lambda n, info="": None)
-    return progress(description, total, completed)

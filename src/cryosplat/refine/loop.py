@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -27,6 +26,8 @@ from cryosplat.fourier_slice import Insertion, PaddedGrid, as_sampled
 from cryosplat.gaussians import GaussianMixture
 from cryosplat.geometry import rotation_angle_deg
 from cryosplat.io import Particles
+from cryosplat.progress import bar
+from cryosplat.refine.global_refine import GlobalConfig
 from cryosplat.refine.search import (
     Pose,
     SearchConfig,
@@ -51,11 +52,16 @@ class RefineConfig:
     max_resolution_A: float = 0.0  # the finest resolution used to align; 0: each half-set's
     # own limit (:func:`cryosplat.refine.search.alignment_limit`)
     search: SearchConfig = field(default_factory=SearchConfig)
+    global_search: GlobalConfig | None = None  # --global --ref MAP: the global stage first
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot run, naming the command-line option."""
         c = self.search
-        for option, value in (("--iterations", self.iterations), ("--max-angle", c.max_angle_deg),
+        global_only = self.global_search is not None and self.iterations == 0  # its poses go
+        if not (self.iterations > 0 or global_only):  # straight to the reconstruction
+            raise InputError(None, f"--iterations {self.iterations}: expected a positive value "
+                                   "(0 only with --global)")
+        for option, value in (("--max-angle", c.max_angle_deg),
                               ("--max-shift", c.max_shift_A), ("--max-defocus", c.max_defocus_A)):
             if not value > 0:
                 raise InputError(None, f"{option} {value:g}: expected a positive value")
@@ -66,7 +72,9 @@ class RefineConfig:
     @classmethod
     def from_dict(cls, d: dict) -> RefineConfig:
         """The settings of ``config.json``'s ``refine`` entry."""
-        return cls(**{**d, "search": SearchConfig(**d["search"])})
+        g = d.get("global_search")
+        return cls(**{**d, "search": SearchConfig(**d["search"]),
+                      "global_search": None if g is None else GlobalConfig(**g)})
 
 
 def with_poses(p: Particles, pose: Pose) -> Particles:
@@ -231,7 +239,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
     for it in range(first, cfg.iterations + 1):
         t0 = time.perf_counter()
         label = f"iteration {it}/{cfg.iterations}"
-        with _bar(progress, f"{label}: fitting each half-set", train.max_steps) as advance:
+        with bar(progress, f"{label}: fitting each half-set", train.max_steps) as advance:
             fits = fit_halves(with_poses(p, pose), half, mine, train, pix, device, models,
                               advance, log)
         refs = {h: broadcast_object(half_reference(fits[mine.index(h)], cfg) if h in mine
@@ -239,7 +247,7 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
         t_fit = time.perf_counter() - t0
         new = pose.clone()
         row: dict = {"iteration": it, "fit_time_s": t_fit, "processes": world}
-        with _bar(progress, f"{label}: searching poses", len(p)) as advance:
+        with bar(progress, f"{label}: searching poses", len(p)) as advance:
             for h in (1, 2):
                 idx = np.nonzero(half == h)[0]
                 share = search_share(idx, cfg.batch_size, rank, world)
@@ -272,9 +280,3 @@ def refine_gold_standard(p: Particles, half: np.ndarray, train: TrainConfig, cfg
                                     "models": [refs[h].model for h in (1, 2)]})
         barrier()
     return pose, history, models
-
-
-def _bar(progress, description: str, total: int):
-    if progress is None:
-        return nullcontext(lambda n, info="": None)
-    return progress(description, total, 0)

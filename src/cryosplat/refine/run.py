@@ -8,14 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cryosplat.errors import InputError, stage
+from cryosplat.io import Particles
+from cryosplat.io.atomic import write_json
 from cryosplat.io.refined_star import write_refined_star
 from cryosplat.progress import ProgressFactory, no_progress
+from cryosplat.refine.global_refine import check_global, global_refine
 from cryosplat.refine.loop import (
     RefineConfig,
     input_pose,
@@ -23,15 +28,18 @@ from cryosplat.refine.loop import (
     refine_gold_standard,
     with_poses,
 )
-from cryosplat.report import plot_pose_changes
+from cryosplat.refine.search import Pose
+from cryosplat.report import plot_global_stage, plot_pose_changes
 from cryosplat.run import run_reconstruction, start_reconstruction
 from cryosplat.run_config import RunConfig
 from cryosplat.summary import RunSummary
+from cryosplat.symmetry import symmetry_or_none
 from cryosplat.train import TrainConfig, rank_and_world, resolve_device
-from cryosplat.train.checkpoint import load_state
+from cryosplat.train.checkpoint import load_state, save_state
 from cryosplat.train.distributed import leave_group
 
 CHECKPOINT = "refine_checkpoint.pt"
+GLOBAL_CHECKPOINT = "global_checkpoint.pt"
 
 
 @dataclass
@@ -73,7 +81,11 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
     Under torchrun every process calls it and shares the searches
     (:func:`~cryosplat.refine.loop.refine_gold_standard`); then rank 0 alone writes the outputs
     and reconstructs, and the others return None."""
-    p, half = start_reconstruction(config, out, force, new=new, shares_ranks=True)
+    gcfg = config.refine.global_search
+    p, half = start_reconstruction(config, out, force, new=new, shares_ranks=True,
+                                   needs_poses=gcfg is None,
+                                   check=None if gcfg is None else partial(check_global,
+                                                                           cfg=gcfg))
     lead = rank_and_world()[0] == 0
     stale = out / "backprojection"  # validation maps of an earlier run into this folder
     if new and lead and stale.is_dir():
@@ -89,23 +101,65 @@ def run_refinement(config: RefineRunConfig, out: Path, force: bool = False,
     log(f"cryosplat refine: {len(p)} particles, box {p.box_size}, device {dev}, "
         f"{rank_and_world()[1]} process(es), refine {json.dumps(config.to_dict()['refine'])}")
     t0 = time.perf_counter()
+    stage_record = None
+    if gcfg is not None:
+        with stage("during the global stage", log, f"continue with --resume {out}"):
+            p, stage_record = global_stage(p, half, config, out, new, dev, log, progress)
+    history: list[dict] = []
     with stage("during refinement", log, f"continue with --resume {out}"):
-        pose, history, _ = refine_gold_standard(p, half, config.train, config.refine, dev,
-                                                out / CHECKPOINT, resume, log, progress)
+        if config.refine.iterations > 0:
+            pose, history, _ = refine_gold_standard(p, half, config.train, config.refine, dev,
+                                                    out / CHECKPOINT, resume, log, progress)
+        else:
+            pose = input_pose(p)
     leave_group()  # the final reconstruction fits each half-set in one process: rank 0's
     if not lead:
         return None
     refined = with_poses(p, pose)
     star = write_refined_star(out / "particles.star", refined, half)
     changes = pose_changes(input_pose(p), pose)
-    plot_pose_changes(out / "pose_changes.png", changes, half, history)
+    if history:
+        plot_pose_changes(out / "pose_changes.png", changes, half, history)
     refinement = {"iterations": history, "particles_star": str(star),
                   "refine_time_s": time.perf_counter() - t0,
                   "median_change_from_input": {k: float(np.median(np.abs(v)))
                                                for k, v in changes.items()}}
+    if stage_record is not None:
+        refinement["global_stage"] = stage_record
     log(f"refined poses written to {star}; reconstructing from them")
     summary = run_reconstruction(refined, half, out, config, progress=progress,
                                  refinement=refinement)
-    if summary is not None:
+    if summary is not None:  # the whole refinement's time, not the final reconstruction's
         summary.wall_time_s = time.perf_counter() - t0
+        write_json(out / "summary.json", summary.to_json())
     return summary
+
+
+def global_stage(p: Particles, half: np.ndarray, config: RefineRunConfig, out: Path, new: bool,
+                 device: torch.device, log, progress: ProgressFactory
+                 ) -> tuple[Particles, dict]:
+    """The global stage (:func:`~cryosplat.refine.global_refine.global_refine`) of a
+    ``refine --global`` run: ``p`` with its poses, and the stage's record for the summary.
+    Checkpointed after every iteration in ``DIR/global_checkpoint.pt`` (a resumed run
+    continues it, or reads its poses when it was done); writes ``DIR/global_poses.star`` and
+    ``DIR/global_stage.png``."""
+    gcfg = config.refine.global_search
+    assert gcfg is not None
+    if rank_and_world()[1] > 1:
+        raise InputError(None, "--global runs in one process: drop --nproc")
+    ckpt = out / GLOBAL_CHECKPOINT
+    state = load_state(ckpt) if not new and ckpt.is_file() else None
+    if p.rotations is not None:
+        log("the poses in the particle file are not read: --global searches all of them")
+    t0 = time.perf_counter()
+    res = global_refine(p, half, gcfg, symmetry_or_none(config.train.symmetry, device), device,
+                        log, progress, state, lambda st: save_state(ckpt, st))
+    posed = with_poses(p, Pose(res.rotations, res.origins_A,
+                               torch.zeros(len(p), dtype=torch.float64)))
+    star = write_refined_star(out / "global_poses.star", posed, half)
+    plot_global_stage(out / "global_stage.png", [asdict(h) for h in res.history])
+    log(f"global stage: poses written to {star}")
+    return posed, {"history": [asdict(h) for h in res.history], "working_box": res.box_size,
+                   "working_pixel_A": res.pixel_size_A, "search_rate": res.search_rate,
+                   "time_s": time.perf_counter() - t0, "reference": gcfg.reference,
+                   "poses_star": str(star)}

@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from cryosplat import geometry
-from cryosplat.abinitio.config import AbinitioConfig
 from cryosplat.ctf import CTFParams, transfer_rfft, wiener_terms
 from cryosplat.fourier import shell_index_2d
 from cryosplat.fourier_slice import Insertion, PaddedGrid, as_sampled, hermitian_x0, slice_points
@@ -75,14 +74,18 @@ def load_working_set(particles: Particles, box: int, device: torch.device,
 
 
 class Searcher:
-    """The E-step's fixed parts for one run: the rotation grid, the origin disc, the points and
-    weights at each limit."""
+    """The E-step's fixed parts for one run on one working set: the rotation grid of
+    ``angle_step_deg`` (:func:`~cryosplat.refine.global_search.so3_grid_size`), the origin disc
+    within ``max_shift_A`` (0: 5% of the box) in steps of a working pixel, ``local_levels``
+    halving levels of local search, and the points and weights at each limit."""
 
-    def __init__(self, ws: WorkingSet, cfg: AbinitioConfig, device: torch.device):
-        self.ws, self.cfg, self.device = ws, cfg, device
-        self.rotations = so3_grid(so3_grid_size(cfg.angle_step_deg), device)
+    def __init__(self, ws: WorkingSet, angle_step_deg: float, max_shift_A: float,
+                 local_levels: int, device: torch.device):
+        self.ws, self.device = ws, device
+        self.angle_step_deg, self.local_levels = angle_step_deg, local_levels
+        self.rotations = so3_grid(so3_grid_size(angle_step_deg), device)
         box_A = ws.box_size * ws.pixel_size_A
-        self.max_shift_A = cfg.max_shift_A if cfg.max_shift_A > 0 else 0.05 * box_A
+        self.max_shift_A = max_shift_A if max_shift_A > 0 else 0.05 * box_A
         self.shift_step_A = ws.pixel_size_A
         self.origins = origin_grid(self.max_shift_A, self.shift_step_A, device)
         self.grid = PaddedGrid(ws.box_size, 2 * ws.box_size, device)
@@ -99,25 +102,50 @@ class Searcher:
         return pts, pts.weight / self.ws.noise_power[radius.clamp_max(len(self.ws.noise_power) - 1)]
 
     def sampled(self, model: GaussianMixture, symmetry: torch.Tensor | None) -> torch.Tensor:
-        """The model's padded transform as the slices are read (gridding pre-corrected)."""
+        """The mixture's padded transform as the slices are read (:meth:`sampled_map`)."""
         with torch.no_grad():
             vol = model.voxelise(self.ws.box_size, self.ws.pixel_size_A, symmetry, n_sigma=3.0)
-            return as_sampled(self.grid.transform(vol, -1))
+            return self.sampled_map(vol)
+
+    @torch.no_grad()
+    def sampled_map(self, volume: torch.Tensor) -> torch.Tensor:
+        """A working-box map's `(d, d, d)` padded transform as the slices are read (gridding
+        pre-corrected)."""
+        return as_sampled(self.grid.transform(volume.to(self.device), -1))
+
+    def _data(self, idx: torch.Tensor, pts: Points) -> tuple[torch.Tensor, torch.Tensor]:
+        """Particles ``idx``'s transforms and CTFs at ``pts``: `(B, K)` each."""
+        ws = self.ws
+        data = ws.transforms[idx].reshape(len(idx), -1)[:, pts.flat]
+        c = transfer_rfft(ws.ctf[idx.cpu()], ws.box_size, ws.pixel_size_A)
+        return data, c.reshape(len(idx), -1)[:, pts.flat].to(self.device)
 
     @torch.no_grad()
     def search(self, sampled: torch.Tensor, idx: torch.Tensor, shell: int, keep: int) -> Hits:
         """Global then local search of particles ``idx`` within ``shell``: their ``keep`` best
         candidates."""
         pts, weight = self.points(shell)
-        ws = self.ws
-        data = ws.transforms[idx].reshape(len(idx), -1)[:, pts.flat]
-        c = transfer_rfft(ws.ctf[idx.cpu()], ws.box_size, ws.pixel_size_A)
-        ctf = c.reshape(len(idx), -1)[:, pts.flat].to(self.device)
+        data, ctf = self._data(idx, pts)
         hits = global_search(sampled, self.rotations, self.origins, data, ctf, pts, weight,
-                             ws.pixel_size_A, keep)
-        return local_search(sampled, hits, data, ctf, pts, weight, ws.pixel_size_A,
-                            self.cfg.angle_step_deg, self.shift_step_A, self.cfg.local_levels,
+                             self.ws.pixel_size_A, keep)
+        return local_search(sampled, hits, data, ctf, pts, weight, self.ws.pixel_size_A,
+                            self.angle_step_deg, self.shift_step_A, self.local_levels,
                             self.max_shift_A)
+
+    @torch.no_grad()
+    def local(self, sampled: torch.Tensor, idx: torch.Tensor, shell: int,
+              rotations: torch.Tensor, origins_A: torch.Tensor, step_deg: float) -> Hits:
+        """Local search only, from particles ``idx``'s poses (rotations `(B, 3, 3)`, origins
+        `(B, 2)` Å): ``local_levels`` levels from ``step_deg / 2`` (origins from half a working
+        pixel). One candidate each."""
+        pts, weight = self.points(shell)
+        data, ctf = self._data(idx, pts)
+        b = len(idx)
+        start = Hits(torch.full((b, 1), -torch.inf, device=self.device), rotations[:, None],
+                     origins_A[:, None], torch.zeros(b, 1, device=self.device))
+        return local_search(sampled, start, data, ctf, pts, weight, self.ws.pixel_size_A,
+                            step_deg, self.shift_step_A,
+                            self.local_levels, self.max_shift_A)
 
     @torch.no_grad()
     def insert(self, idx: torch.Tensor, hits: Hits, weights: torch.Tensor, shell: int
