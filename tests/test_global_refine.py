@@ -114,6 +114,20 @@ def test_each_half_set_is_searched_from_its_own_particles(sim):
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1])
 
 
+def test_global_stage_resumed_from_its_checkpoint_ends_where_an_unbroken_run_does(sim):
+    p = read_particles(sim["particles"])
+    half = assign_half_sets(p, 0)
+    cfg = _small(sim["ground_truth"], iterations=2, global_iterations=1)
+    states: list[dict] = []
+    whole = global_refine(p, half, cfg, None, torch.device("cpu"), log=lambda m: None,
+                          on_iteration=states.append)
+    resumed = global_refine(p, half, cfg, None, torch.device("cpu"), log=lambda m: None,
+                            state=states[0])
+    assert torch.allclose(whole.rotations, resumed.rotations, atol=1e-6)
+    assert torch.allclose(whole.origins_A, resumed.origins_A, atol=1e-6)
+    assert [h.limit_A for h in resumed.history] == [h.limit_A for h in whole.history]
+
+
 def test_refine_global_finds_the_poses_it_never_read(sim, tmp_path):
     out = tmp_path / "g"
     r = CliRunner().invoke(app, ["refine", sim["particles"], "--global", "--ref",
@@ -123,13 +137,16 @@ def test_refine_global_finds_the_poses_it_never_read(sim, tmp_path):
     for name in ("global_poses.star", "global_stage.png", "particles.star", "map.mrc",
                  "half_map_1.mrc", "report.html", "global_checkpoint.pt"):
         assert (out / name).is_file(), name
+    assert "Global stage" in (out / "report.html").read_text()
+    assert "global stage" in r.output and "poses were not read" in r.output
     s = RunSummary.read(out / "summary.json")
     stage = s.refinement["global_stage"]
     assert len(stage["history"]) == GlobalConfig().iterations and stage["search_rate"] > 0
     est, truth = read_particles(out / "particles.star"), read_particles(sim["particles"])
     err = rotation_angle_deg(est.rotations, truth.rotations)
     # the reference is the truth, low-passed to 30 Å: the poses come back in its frame.
-    # Random poses would be 126° off in the median; measured here: 2.4°
+    # Random poses would be 126° off in the median; measured here: 4.4° (9 Å in a 40 Å molecule)
+    print(f"median error {float(err.median()):.2f}°")
     assert float(err.median()) < 6.0, float(err.median())
     assert float((est.shifts_A - truth.shifts_A).norm(dim=-1).median()) < 2.0
     halves = starfile.read(out / "particles.star")["particles"]["rlnRandomSubset"]
@@ -141,6 +158,7 @@ def test_refine_global_finds_the_poses_it_never_read(sim, tmp_path):
     (["--ref", "MAP"], "--ref"),
     (["--global", "--ref", "missing.mrc"], "not found"),
     (["--global", "--ref", "MAP", "--global-resolution", "4"], "Nyquist"),
+    (["--global", "--ref", "MAP", "--nproc", "2"], "one process"),
 ])
 def test_refine_global_refuses_what_cannot_work(sim, tmp_path, capsys, options, message):
     opts = [sim["ground_truth"] if o == "MAP" else o for o in options]

@@ -125,6 +125,8 @@ def refine(
     if global_search != (ref is not None):
         raise InputError(None, "--global needs --ref MAP (the map it starts from), and --ref "
                                "is only for --global")
+    if global_search and nproc > 1:
+        raise InputError(None, "--global runs in one process: drop --nproc")
     join_processes(nproc, device)
     search = SearchConfig(max_angle_deg=max_angle, max_shift_A=max_shift, max_defocus_A=max_defocus)
     stage = None if ref is None else GlobalConfig(
