@@ -5,6 +5,7 @@ on a simulation whose poses it never reads (abinitio/)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import starfile
@@ -30,6 +31,7 @@ from cryosplat.refine.global_search import (
     tempered_weights,
 )
 from cryosplat.refine.search import alignment_points
+from cryosplat.refine.working import Searcher, WorkingSet
 from cryosplat.simulate import SimulationConfig, simulate_dataset
 from cryosplat.summary import AbinitioSummary
 
@@ -81,11 +83,11 @@ def _molecule() -> GaussianMixture:
                                   dtype=torch.float64)
 
 
-def test_global_search_finds_poses_of_images_made_by_the_renderer():
-    """Images rendered by the real-space splatting renderer (not through the Fourier slice),
-    shifted by -origin and multiplied by a CTF, are found by the global search to within the
-    local search's last step, in rotation and origin."""
-    d, pix, n = 32, 2.0, 6
+def _rendered_particles(d: int, pix: float, n: int):
+    """``n`` CTF-modulated particles rendered by the real-space splatting renderer (not
+    through the Fourier slice), shifted by -origin, as the particles are read: (truth
+    rotations, origins Å, rfft2 `(n, d, d//2+1)`, CTF parameters, their transfer, the
+    mixture's sampled transform)."""
     mol = _molecule()
     truth = geometry.random_rotations(n, torch.Generator().manual_seed(4))
     origins = torch.tensor([[1.3, -2.1], [0.0, 0.0], [-3.0, 1.0], [2.2, 2.2], [-0.7, 0.4],
@@ -102,6 +104,14 @@ def test_global_search_finds_poses_of_images_made_by_the_renderer():
     with torch.no_grad():
         vol = mol.voxelise(d, pix, n_sigma=4.0).float()
     sampled = as_sampled(PaddedGrid(d, 2 * d).transform(vol, -1))
+    return truth, origins, images, ctf, c, sampled
+
+
+def test_global_search_finds_poses_of_images_made_by_the_renderer():
+    """Rendered particles (:func:`_rendered_particles`) are found by the global search to
+    within the local search's last step, in rotation and origin."""
+    d, pix, n = 32, 2.0, 6
+    truth, origins, images, _, c, sampled = _rendered_particles(d, pix, n)
     pts = alignment_points(d, d // 2 - 2)
     data = images.reshape(n, -1)[:, pts.flat]
     cp = c.reshape(n, -1)[:, pts.flat].float()
@@ -116,6 +126,32 @@ def test_global_search_finds_poses_of_images_made_by_the_renderer():
     # map is per Å³, a projection per Å², so here it is the pixel size, 2)
     c0 = hits.contrast[:, 0]
     assert float((c0 / c0.mean() - 1).abs().max()) < 0.02, c0
+
+
+def test_grid_scored_coarser_than_the_local_search_still_finds_the_poses():
+    """``Searcher.search`` with ``grid_shell`` of the default diameter (70% of the 64 Å box:
+    a 15° step spans 5.9 Å at its radius, 11 shells), the local search within 14 (4.6 Å),
+    finds the poses as the full-limit search does, and the scores it returns are the full
+    limit's (scored again)."""
+    d, pix, n = 32, 2.0, 6
+    truth, origins, images, ctf, c, sampled = _rendered_particles(d, pix, n)
+    power = torch.ones(d // 2 + 1)
+    ws = WorkingSet(images, ctf.to(None, torch.float32), pix, d, power)
+    searcher = Searcher(ws, 15.0, 4.0, 4, torch.device("cpu"))
+    idx = torch.arange(n)
+    shell = d // 2 - 2
+    grid_shell = searcher.grid_shell(0.7 * d * pix)
+    assert grid_shell == round(d * pix / math.radians(15.0) / (0.35 * d * pix)) == 11
+    hits = searcher.search(sampled, idx, shell, 4, grid_shell)
+    err = geometry.rotation_angle_deg(hits.rotations[:, 0].double(), truth)
+    assert float(err.max()) < 2.0, err
+    assert float((hits.origins_A[:, 0].double() - origins).norm(dim=-1).max()) < 0.5
+    pts, weight = searcher.points(shell)
+    data = images.reshape(n, -1)[:, pts.flat]
+    cp = c.reshape(n, -1)[:, pts.flat].float()
+    again = local_search(sampled, hits, data, cp, pts, weight, pix, 1e-6, 1e-6, 1, 4.0)
+    # a search of steps 1e-6 from the hits at the full limit moves nothing and scores the same
+    assert torch.allclose(again.score[:, 0], hits.score[:, 0], rtol=1e-4)
 
 
 def test_tempered_weights_spread_as_asked():

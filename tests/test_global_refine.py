@@ -19,8 +19,10 @@ from cryosplat.io import read_particles
 from cryosplat.io.particles import assign_half_sets
 from cryosplat.refine.global_refine import (
     GlobalConfig,
+    GlobalRecord,
     global_refine,
     next_limit,
+    planned_search,
     reference_map,
 )
 from cryosplat.simulate import SimulationConfig, simulate_dataset
@@ -76,8 +78,33 @@ def test_next_limit_steps_by_the_fsc():
     assert next_limit(curve, 6, 10) == (9, 10)
 
 
+def _record(it: int, search: str, change: float | None) -> GlobalRecord:
+    return GlobalRecord(it, search, 20.0, 10.0, [change, change], 1.0)
+
+
+def test_global_searches_go_on_while_the_poses_jump_grid_cells():
+    cfg = GlobalConfig()  # 2 to 4 global iterations, then 3 local; the grid's step 15°
+    assert (cfg.global_iterations, cfg.max_global_iterations, cfg.iterations) == (2, 4, 5)
+    h = [_record(1, "global", None)]
+    assert planned_search(h, cfg) == ("global", 15.0, 5)  # the first two always
+    # moved less than a step: local searches, the first step halved each time
+    settled = h + [_record(2, "global", 12.0)]
+    assert planned_search(settled, cfg) == ("local", 7.5, 5)
+    done = settled + [_record(i, "local", 1.0) for i in (3, 4, 5)]
+    assert planned_search(done[:3], cfg) == ("local", 3.75, 5)
+    assert planned_search(done, cfg) is None
+    # one half-set still jumping (a median change of 23° > 15°): one more global search
+    jumping = h + [GlobalRecord(2, "global", 20.0, 10.0, [23.0, 9.0], 1.0)]
+    assert planned_search(jumping, cfg) == ("global", 15.0, 6)
+    more = jumping + [_record(3, "global", 30.0), _record(4, "global", 30.0)]
+    assert planned_search(more, cfg) == ("local", 7.5, 7)  # at most 4 global
+    assert planned_search(more + [_record(i, "local", 1.0) for i in (5, 6, 7)], cfg) is None
+
+
 @pytest.mark.parametrize("field, value", [("iterations", 0), ("initial_resolution_A", -1.0),
-                                          ("global_iterations", 0), ("candidates", 0)])
+                                          ("global_iterations", 0), ("candidates", 0),
+                                          ("max_global_iterations", 1),
+                                          ("grid_resolution_A", -1.0)])
 def test_global_config_refuses_settings_that_cannot_run(field, value):
     with pytest.raises(InputError):
         GlobalConfig(**{field: value})
@@ -141,7 +168,12 @@ def test_refine_global_finds_the_poses_it_never_read(sim, tmp_path):
     assert "global stage" in r.output and "poses were not read" in r.output
     s = RunSummary.read(out / "summary.json")
     stage = s.refinement["global_stage"]
-    assert len(stage["history"]) == GlobalConfig().iterations and stage["search_rate"] > 0
+    kinds = [h["search"] for h in stage["history"]]
+    cfg = GlobalConfig()
+    n_global = kinds.count("global")
+    assert kinds == ["global"] * n_global + ["local"] * (cfg.iterations - cfg.global_iterations)
+    assert cfg.global_iterations <= n_global <= cfg.max_global_iterations
+    assert stage["search_rate"] > 0
     est, truth = read_particles(out / "particles.star"), read_particles(sim["particles"])
     err = rotation_angle_deg(est.rotations, truth.rotations)
     # the reference is the truth, low-passed to 30 Å: the poses come back in its frame.

@@ -106,8 +106,10 @@ def refine(
     global_resolution: float = typer.Option(GLOBAL.final_resolution_A, "--global-resolution",
                                             help="Å: the finest the global stage aligns to"),
     global_iterations: int = typer.Option(GLOBAL.iterations, "--global-iterations",
-                                          help="Iterations of the global stage (the first "
-                                          f"{GLOBAL.global_iterations} over all rotations)"),
+                                          help="Iterations of the global stage: the first "
+                                          f"{GLOBAL.global_iterations} over all rotations (up to "
+                                          f"{GLOBAL.max_global_iterations} while the poses still "
+                                          "move more than the grid's step), local ones after"),
     diameter: float = typer.Option(GLOBAL.particle_diameter_A, "--particle-diameter",
                                    help="Å: the global stage's mask (0: 70% of the box)"),
     device: str = typer.Option(RunConfig.device, "--device", help="cpu, cuda or auto"),

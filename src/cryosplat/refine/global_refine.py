@@ -7,10 +7,14 @@ The particles are Fourier-cropped to the working box of ``final_resolution_A``
 (:func:`cryosplat.refine.working.working_box`), each half-set held in memory apart
 (:class:`~cryosplat.refine.working.WorkingSet`, its own noise power). Iteration ``i``:
 
-1. **E-step**, each half-set against its own map: for the first ``global_iterations``, the
-   global search (:meth:`~cryosplat.refine.working.Searcher.search`: the SO(3) grid of
-   ``angle_step_deg`` x origins, the ``candidates`` best moved by ``local_levels`` halving
-   levels) with posterior weights over the candidates; after that, a local search from each
+1. **E-step**, each half-set against its own map: for the first ``global_iterations`` (and
+   up to ``max_global_iterations`` while either half-set's median rotation change exceeds the
+   grid's step: :func:`planned_search`), the global search
+   (:meth:`~cryosplat.refine.working.Searcher.search`: the SO(3) grid of ``angle_step_deg`` x
+   origins, scored to the limit but no finer than the grid resolves, the
+   arc of one step at the particle's radius, about 18 Å for 15° and a 134 Å diameter; the
+   ``candidates`` best moved by ``local_levels`` halving levels scored to the limit) with
+   posterior weights over the candidates; after that, a local search from each
    particle's pose (:meth:`~cryosplat.refine.working.Searcher.local`), its first step halved
    at each iteration;
 2. **M-step**: the half-set's particles inserted with their weights up to the working box's
@@ -59,7 +63,11 @@ class GlobalConfig:
     final_resolution_A: float = 8.0  # the working box's limit (its Nyquist is this / 1.5)
     iterations: int = 5
     global_iterations: int = 2  # full SO(3) searches; local searches after
+    max_global_iterations: int = 4  # more global ones while the poses still move by more
+    # than the grid's step (planned_search); the local ones come after
     angle_step_deg: float = 15.0
+    grid_resolution_A: float = 0.0  # the grid scored to at most this (0: the arc of one
+    # angular step at the particle's radius, what the grid resolves); local searches to the limit
     local_levels: int = 3
     candidates: int = 4
     max_shift_A: float = 0.0  # 0: 5% of the box
@@ -75,6 +83,9 @@ class GlobalConfig:
                               ("--candidates", self.candidates)):
             if not value > 0:
                 raise InputError(None, f"{option} {value:g}: expected a positive value")
+        if not self.grid_resolution_A >= 0:
+            raise InputError(None, f"grid resolution {self.grid_resolution_A:g} Å: expected Å, "
+                                   "or 0 for the arc of one angular step at the particle's radius")
         if self.final_resolution_A > self.initial_resolution_A:
             raise InputError(None, f"--global-resolution {self.final_resolution_A:g} Å is "
                                    f"coarser than --initial-resolution "
@@ -82,6 +93,9 @@ class GlobalConfig:
         if not 1 <= self.global_iterations <= self.iterations:
             raise InputError(None, f"{self.global_iterations} global iterations of "
                                    f"{self.iterations}: expected 1 to {self.iterations}")
+        if self.max_global_iterations < self.global_iterations:
+            raise InputError(None, f"at most {self.max_global_iterations} global iterations: "
+                                   f"fewer than the {self.global_iterations} always run")
 
 
 @dataclass
@@ -157,6 +171,27 @@ def next_limit(curve: torch.Tensor, shell: int, max_shell: int) -> tuple[int, in
     return cross, int(min(max_shell, max(shell, cross + max(3, cross // 4))))
 
 
+def planned_search(history: list[GlobalRecord], cfg: GlobalConfig
+                   ) -> tuple[str, float, int] | None:
+    """What the next iteration after ``history`` searches: (``"global"`` or ``"local"``, the
+    local search's first step in degrees, the stage's iterations as now planned), or None when
+    the stage is done. The first ``cfg.global_iterations`` are global, and more follow, up to
+    ``cfg.max_global_iterations``, while either half-set's median rotation change in the last
+    exceeds the grid's step (the poses are still jumping between grid cells); then
+    ``cfg.iterations - cfg.global_iterations`` local ones, the first step halved each time."""
+    it = len(history) + 1
+    n_global = sum(h.search == "global" for h in history)
+    last = history[-1] if history else None
+    moving = (last is not None and last.search == "global"
+              and any(c is not None and c > cfg.angle_step_deg for c in last.median_change_deg))
+    n_local = cfg.iterations - cfg.global_iterations
+    if it <= cfg.global_iterations or (moving and n_global < cfg.max_global_iterations):
+        return "global", cfg.angle_step_deg, max(n_global + 1, cfg.global_iterations) + n_local
+    if it - n_global > n_local:
+        return None
+    return "local", cfg.angle_step_deg * 0.5 ** (it - n_global), n_global + n_local
+
+
 def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
                   symmetry: torch.Tensor | None, device: torch.device,
                   log: Callable[[str], None] = print, progress=None, state: dict | None = None,
@@ -175,10 +210,13 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
     diameter = cfg.particle_diameter_A if cfg.particle_diameter_A > 0 else 0.7 * box * pix
     mask = spherical_mask(box, pix, 0.5 * diameter, soft_edge_A=3 * pix).to(device)
     max_shell = searchers[0].limit_shell(cfg.final_resolution_A)
+    grid_shell = searchers[0].grid_shell(diameter, cfg.grid_resolution_A)
     log(f"global stage: working box {box} px of {pix:.3g} Å, half-sets of {len(rows[0])} and "
         f"{len(rows[1])} particles; {len(searchers[0].rotations)} rotations x "
-        f"{len(searchers[0].origins)} origins (within {searchers[0].max_shift_A:.3g} Å) for "
-        f"{cfg.global_iterations} iteration(s), local searches after")
+        f"{len(searchers[0].origins)} origins (within {searchers[0].max_shift_A:.3g} Å) scored "
+        f"to at most {box * pix / grid_shell:.1f} Å for {cfg.global_iterations} iteration(s) "
+        f"(up to {cfg.max_global_iterations} while poses move more than "
+        f"{cfg.angle_step_deg:g}°), {cfg.iterations - cfg.global_iterations} local after")
     if state is None:
         start = reference_map(cfg.reference, box, pix).to(device)
         start = lowpass(start, pix, cfg.initial_resolution_A) * mask
@@ -195,13 +233,13 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
         elapsed0, rate = (history[-1].elapsed_s if history else 0.0), float(state["rate"])
         log(f"global stage resumed after iteration {first - 1}")
     t0 = time.perf_counter() - elapsed0
-    for it in range(first, cfg.iterations + 1):
-        kind = "global" if it <= cfg.global_iterations else "local"
-        step = cfg.angle_step_deg * 0.5 ** max(0, it - cfg.global_iterations)
+    it = first
+    while (plan := planned_search(history, cfg)) is not None:
+        kind, step, total = plan
         inserted: list[Insertion] = []
         changes: list[float | None] = []
         t_search, n_scored = 0.0, 0.0
-        with bar(progress, f"global stage {it}/{cfg.iterations}: {kind} search",
+        with bar(progress, f"global stage {it}/{total}: {kind} search",
                   len(particles)) as advance:
             for h in range(2):
                 sr = searchers[h]
@@ -213,7 +251,7 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
                     idx = torch.arange(s, min(s + cfg.batch_size, len(sr.ws)), device=device)
                     t = time.perf_counter()
                     if kind == "global":
-                        hits = sr.search(sampled, idx, shell, cfg.candidates)
+                        hits = sr.search(sampled, idx, shell, cfg.candidates, grid_shell)
                         weights = tempered_weights(hits.score, 1.0)
                         n_scored += len(idx) * len(sr.rotations) * len(sr.origins)
                     else:
@@ -245,12 +283,13 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
             notes.append("median change " + ", ".join(f"{c or 0:.2f}°" for c in changes))
         if kind == "global":
             notes.append(f"{rate:.3g} rotations x origins x particles per s")
-        log(f"global stage {it}/{cfg.iterations} ({kind}): " + "; ".join(notes))
+        log(f"global stage {it}/{total} ({kind}): " + "; ".join(notes))
         if on_iteration is not None:
             on_iteration({"iteration": it, "shell": shell, "rate": rate,
                           "maps": [m.cpu() for m in maps],
                           "poses": [(r.cpu(), o.cpu()) for r, o in poses],
                           "history": [asdict(h) for h in history]})
+        it += 1
     n = len(particles)
     rotations = torch.empty(n, 3, 3, dtype=torch.float64)
     origins = torch.empty(n, 2, dtype=torch.float64)

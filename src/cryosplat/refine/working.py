@@ -4,6 +4,7 @@ model (:class:`Searcher`, on :mod:`cryosplat.refine.global_search`)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -95,6 +96,15 @@ class Searcher:
         d = self.ws.box_size
         return int(min(d // 2, max(3, round(d * self.ws.pixel_size_A / resolution_A))))
 
+    def grid_shell(self, diameter_A: float, resolution_A: float = 0.0) -> int:
+        """The shell the rotation grid is scored within (:meth:`search`'s ``grid_shell``):
+        that of ``resolution_A``, or when 0, of the arc one angular step spans at the
+        particle's radius (``diameter_A / 2``), the finest detail the grid's spacing resolves;
+        at least 3 shells."""
+        if not resolution_A > 0:
+            resolution_A = math.radians(self.angle_step_deg) * diameter_A / 2
+        return self.limit_shell(resolution_A)
+
     def points(self, shell: int) -> tuple[Points, torch.Tensor]:
         """The points within ``shell`` and their weights over the noise power."""
         pts = alignment_points(self.ws.box_size, shell, self.device)
@@ -121,13 +131,23 @@ class Searcher:
         return data, c.reshape(len(idx), -1)[:, pts.flat].to(self.device)
 
     @torch.no_grad()
-    def search(self, sampled: torch.Tensor, idx: torch.Tensor, shell: int, keep: int) -> Hits:
+    def search(self, sampled: torch.Tensor, idx: torch.Tensor, shell: int, keep: int,
+               grid_shell: int | None = None) -> Hits:
         """Global then local search of particles ``idx`` within ``shell``: their ``keep`` best
-        candidates."""
+        candidates. ``grid_shell`` (below ``shell``, with local levels): the grid is scored
+        within it only, and the local search, from its ``keep`` best, within ``shell`` (its
+        scores replace the grid's)."""
         pts, weight = self.points(shell)
         data, ctf = self._data(idx, pts)
-        hits = global_search(sampled, self.rotations, self.origins, data, ctf, pts, weight,
-                             self.ws.pixel_size_A, keep)
+        if grid_shell is not None and grid_shell < shell and self.local_levels > 0:
+            g_pts, g_weight = self.points(grid_shell)
+            g_data, g_ctf = self._data(idx, g_pts)
+            hits = global_search(sampled, self.rotations, self.origins, g_data, g_ctf, g_pts,
+                                 g_weight, self.ws.pixel_size_A, keep)
+            hits.score = torch.full_like(hits.score, -torch.inf)  # scored again within shell
+        else:
+            hits = global_search(sampled, self.rotations, self.origins, data, ctf, pts, weight,
+                                 self.ws.pixel_size_A, keep)
         return local_search(sampled, hits, data, ctf, pts, weight, self.ws.pixel_size_A,
                             self.angle_step_deg, self.shift_step_A, self.local_levels,
                             self.max_shift_A)
