@@ -223,19 +223,19 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
         maps = [start, start.clone()]
         poses = [(torch.eye(3, device=device).expand(len(r), 3, 3).clone(),
                   torch.zeros(len(r), 2, device=device)) for r in rows]
-        shell, history, first = searchers[0].limit_shell(cfg.initial_resolution_A), [], 1
+        shell, history = searchers[0].limit_shell(cfg.initial_resolution_A), []
         elapsed0, rate = 0.0, 0.0
     else:
         maps = [m.to(device) for m in state["maps"]]
         poses = [(r.to(device), o.to(device)) for r, o in state["poses"]]
-        shell, first = int(state["shell"]), int(state["iteration"]) + 1
+        shell = int(state["shell"])
         history = [GlobalRecord(**h) for h in state["history"]]
         elapsed0, rate = (history[-1].elapsed_s if history else 0.0), float(state["rate"])
-        log(f"global stage resumed after iteration {first - 1}")
+        log(f"global stage resumed after iteration {len(history)}")
     t0 = time.perf_counter() - elapsed0
-    it = first
     while (plan := planned_search(history, cfg)) is not None:
         kind, step, total = plan
+        it = len(history) + 1
         inserted: list[Insertion] = []
         changes: list[float | None] = []
         t_search, n_scored = 0.0, 0.0
@@ -289,7 +289,6 @@ def global_refine(particles: Particles, half: np.ndarray, cfg: GlobalConfig,
                           "maps": [m.cpu() for m in maps],
                           "poses": [(r.cpu(), o.cpu()) for r, o in poses],
                           "history": [asdict(h) for h in history]})
-        it += 1
     n = len(particles)
     rotations = torch.empty(n, 3, 3, dtype=torch.float64)
     origins = torch.empty(n, 2, dtype=torch.float64)
